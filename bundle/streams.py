@@ -1,0 +1,106 @@
+"""Stream specifications: which structures the network detects, their levels and classes.
+
+A *stream* is one structure type (disc, vertebra). Each has an ordered tuple of level names
+(head to feet) and an ordered tuple of class names; the network gives it ``C = len(classes)``
+heatmap channels and ``2C`` offset channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["StreamSpec", "RSNA_STREAMS", "TIANCHI_STREAMS", "parse_streams", "stream_channels", "split_output"]
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """One detected structure: ``levels`` ordered head to feet, ``classes`` in channel order."""
+
+    name: str
+    levels: tuple[str, ...]
+    classes: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ValueError("a stream needs a non-empty name")
+        if len(self.levels) == 0 or len(set(self.levels)) != len(self.levels):
+            raise ValueError(f"stream {self.name!r}: levels must be non-empty and unique, got {self.levels}")
+        if len(self.classes) == 0 or len(set(self.classes)) != len(self.classes):
+            raise ValueError(f"stream {self.name!r}: classes must be non-empty and unique, got {self.classes}")
+        object.__setattr__(self, "levels", tuple(self.levels))
+        object.__setattr__(self, "classes", tuple(self.classes))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.levels)
+
+
+RSNA_LEVELS = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
+RSNA_SEVERITIES = ("Normal/Mild", "Moderate", "Severe")
+RSNA_STREAMS: tuple[StreamSpec, ...] = (StreamSpec("disc", RSNA_LEVELS, RSNA_SEVERITIES),)
+
+TIANCHI_DISC_LEVELS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
+TIANCHI_VERTEBRA_LEVELS = ("L1", "L2", "L3", "L4", "L5")
+TIANCHI_CLASSES = ("Normal", "Degenerative")
+TIANCHI_STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("disc", TIANCHI_DISC_LEVELS, TIANCHI_CLASSES),
+    StreamSpec("vertebra", TIANCHI_VERTEBRA_LEVELS, TIANCHI_CLASSES),
+)
+
+
+def parse_streams(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> tuple[StreamSpec, ...]:
+    """Normalise a config mapping ``{name: {"levels": [...], "classes": [...]}}`` to StreamSpecs.
+
+    Example:
+        >>> parse_streams({"disc": {"levels": ["L1/L2"], "classes": ["a", "b"]}})[0].num_classes
+        2
+    """
+    if isinstance(streams, Mapping):
+        out = []
+        for name, spec in streams.items():
+            if isinstance(spec, StreamSpec):
+                out.append(spec)
+                continue
+            missing = {"levels", "classes"} - set(spec)
+            if missing:
+                raise ValueError(f"stream {name!r} misses {sorted(missing)}")
+            out.append(StreamSpec(str(name), tuple(spec["levels"]), tuple(spec["classes"])))
+        specs = tuple(out)
+    else:
+        specs = tuple(streams)
+    if not specs:
+        raise ValueError("at least one stream is needed")
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stream names must be unique, got {names}")
+    return specs
+
+
+def stream_channels(streams: Mapping[str, int]) -> int:
+    """Total output channels of the network: ``sum(3 * C)`` over streams."""
+    return sum(3 * int(c) for c in streams.values())
+
+
+def split_output(output: torch.Tensor, streams: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Split the network's single output (B, sum 3C, H, W) into ``{stream: (logits (B,C,H,W), offsets (B,2C,H,W))}``.
+
+    Streams follow the mapping's order; within a stream, C heatmap logits come first, then 2C offsets
+    interleaved ``(dx_0, dy_0, dx_1, dy_1, ...)`` (dx along columns, dy along rows).
+    """
+    expected = stream_channels(streams)
+    if output.ndim != 4 or output.shape[1] != expected:
+        raise ValueError(f"expected output of shape (B, {expected}, H, W), got {tuple(output.shape)}")
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    start = 0
+    for name, c in streams.items():
+        c = int(c)
+        parts[name] = (output[:, start : start + c], output[:, start + c : start + 3 * c])
+        start += 3 * c
+    return parts
