@@ -1,0 +1,233 @@
+"""Hough voting against a brute-force reference; encode -> decode round trips through bundle.codec."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from bundle.codec import pixels_to_mm, target_to_image
+from bundle.decoding import decode_keypoints, hough_voting
+from bundle.streams import StreamSpec, split_output
+from bundle.targets import OCPCTargetsd
+
+DISC = StreamSpec("disc", ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"), ("n", "m", "s"))
+VERT = StreamSpec("vertebra", ("L1", "L2", "L3", "L4", "L5"), ("n", "d"))
+
+
+def _brute_hough(probs: np.ndarray, offsets: np.ndarray, radius: float) -> np.ndarray:
+    b, c, h, w = probs.shape
+    out = np.zeros_like(probs, dtype=np.float64)
+    for bi in range(b):
+        for ci in range(c):
+            for r in range(h):
+                for q in range(w):
+                    x = q + offsets[bi, 2 * ci, r, q]
+                    y = r + offsets[bi, 2 * ci + 1, r, q]
+                    if not (abs(x) < 1e6 and abs(y) < 1e6):  # NaN / huge: lands nowhere
+                        continue
+                    for yy in range(math.floor(y), math.floor(y) + 2):
+                        for xx in range(math.floor(x), math.floor(x) + 2):
+                            if 0 <= yy < h and 0 <= xx < w:
+                                wgt = max(0.0, 1 - abs(x - xx)) * max(0.0, 1 - abs(y - yy))
+                                out[bi, ci, yy, xx] += probs[bi, ci, r, q] * wgt
+    return out / (math.pi * radius**2)
+
+
+def test_hough_voting_matches_brute_force():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(2, 2, 9, 11, generator=g, dtype=torch.float64)
+    offsets = (torch.rand(2, 4, 9, 11, generator=g, dtype=torch.float64) - 0.5) * 8.0  # many votes land outside
+    offsets[0, 0, 0, 0] = 2.0  # an exactly integer offset
+    offsets[0, 2, 3, 3] = -3.0  # lands exactly on the left border column
+    offsets[1, 1, 4, 5] = float("nan")  # a broken offset votes nowhere
+    offsets[1, 2, 2, 2] = 1e12
+    got = hough_voting(probs, offsets, radius=2.5)
+    ref = _brute_hough(probs.numpy(), offsets.numpy(), 2.5)
+    assert got.shape == (2, 2, 9, 11)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-12)
+    assert got.sum() < probs.sum() / (math.pi * 2.5**2)  # votes falling outside were dropped
+
+
+def test_hough_voting_argument_checks():
+    with pytest.raises(ValueError, match="2C"):
+        hough_voting(torch.zeros(1, 2, 4, 4), torch.zeros(1, 2, 4, 4), 1.0)
+    with pytest.raises(ValueError, match="radius"):
+        hough_voting(torch.zeros(1, 1, 4, 4), torch.zeros(1, 2, 4, 4), 0.0)
+
+
+def _affine(flip_rows: bool = False) -> torch.Tensor:
+    """Oblique sagittal affine; rows run towards the feet (decreasing z) unless ``flip_rows``."""
+    th = math.radians(14.0)
+    col_dir = np.array([0.12, math.cos(th), math.sin(th)])
+    col_dir /= np.linalg.norm(col_dir)
+    row_dir = np.array([0.05, math.sin(th), -math.cos(th)])
+    row_dir -= col_dir * (col_dir @ row_dir)
+    row_dir /= np.linalg.norm(row_dir)
+    if flip_rows:
+        row_dir = -row_dir
+    a = np.eye(4)
+    a[:3, 0], a[:3, 1] = 0.9 * row_dir, 0.7 * col_dir
+    a[:3, 2] = np.cross(col_dir, row_dir) * 4.0
+    a[:3, 3] = [3.0, -50.0, 20.0]
+    return torch.tensor(a)
+
+
+def _case(spec: StreamSpec, xy: np.ndarray, labels: list[int], affine: torch.Tensor):
+    """Ground truth in level order (z descending): pixels (L, 2), mm (L, 3), labels (L,)."""
+    mm = pixels_to_mm(torch.tensor(xy), affine)
+    order = torch.argsort(mm[:, 2], descending=True)
+    return torch.tensor(xy)[order], mm[order], torch.tensor(labels)[order]
+
+
+def _perfect_prediction(out: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = torch.logit(out[f"{name}_heatmap"] * 0.999)[None]  # 0 -> -inf: background votes nothing
+    return logits, out[f"{name}_offset"][None]
+
+
+def _check(kps: list[dict], spec: StreamSpec, xy, mm, labels, tol: float):
+    assert [kp["level"] for kp in kps] == list(spec.levels)
+    assert [kp["level_index"] for kp in kps] == list(range(spec.num_levels))
+    assert [kp["label"] for kp in kps] == labels.tolist()
+    assert [kp["class_name"] for kp in kps] == [spec.classes[i] for i in labels.tolist()]
+    np.testing.assert_allclose([kp["xy"] for kp in kps], xy.numpy(), atol=tol)
+    if mm is not None:
+        np.testing.assert_allclose([kp["mm"] for kp in kps], mm.numpy(), atol=tol * 0.9 + 1e-6)
+    for kp in kps:
+        assert sum(kp["probabilities"]) == pytest.approx(1.0)
+        assert kp["probabilities"][kp["label"]] == pytest.approx(1.0)  # perfect one-hot heatmaps
+        assert kp["score"] > 0
+
+
+def _round_trip_inputs(flip_rows: bool = False, stride: int = 1, radius: float = 6.0, size: int = 128):
+    affine = _affine(flip_rows)
+    rng = np.random.default_rng(3)
+    y_d = 8.0 + 21.0 * np.arange(6) + rng.uniform(0, 1, 6)
+    x_d = 60.0 + 6.0 * np.sin(np.arange(6)) + rng.uniform(0, 1, 6)
+    y_v = y_d[:5] + 10.5
+    x_v = x_d[:5] - 4.25
+    disc = _case(DISC, np.stack([x_d, y_d], 1), [0, 1, 2, 0, 2, 1], affine)
+    vert = _case(VERT, np.stack([x_v, y_v], 1), [1, 0, 0, 1, 1], affine)
+    image = MetaTensor(torch.zeros(7, size, size), affine=affine)
+    data = {"image": image, "disc_points": disc[1], "disc_labels": disc[2],
+            "vertebra_points": vert[1], "vertebra_labels": vert[2]}
+    out = OCPCTargetsd(streams=[DISC, VERT], radius=radius, stride=stride)(data)
+    return affine, disc, vert, out
+
+
+@pytest.mark.parametrize("flip_rows", [False, True])
+def test_round_trip_oblique_affine_both_streams(flip_rows):
+    affine, disc, vert, out = _round_trip_inputs(flip_rows)
+    np.testing.assert_allclose(out["disc_points_px"].numpy(), disc[0].numpy(), atol=1e-4)
+    parts = {"disc": _perfect_prediction(out, "disc"), "vertebra": _perfect_prediction(out, "vertebra")}
+    res = decode_keypoints(parts, [DISC, VERT], upsample=1, affine=affine)
+    assert len(res) == 1 and set(res[0]) == {"disc", "vertebra"}
+    _check(res[0]["disc"], DISC, disc[0], disc[1], disc[2], tol=0.01)
+    _check(res[0]["vertebra"], VERT, vert[0], vert[1], vert[2], tol=0.01)
+    rows = [kp["xy"][1] for kp in res[0]["disc"]]
+    # head to feet follows patient z: with rows pointing up in z the first level is the lowest row
+    assert rows == sorted(rows, reverse=flip_rows)
+
+
+def test_round_trip_without_affine_orders_by_row_and_single_stream_form():
+    _, disc, _, out = _round_trip_inputs(flip_rows=True)
+    logits, offsets = _perfect_prediction(out, "disc")
+    kps = decode_keypoints(logits, offsets, DISC, upsample=1)[0]["disc"]
+    order = torch.argsort(disc[0][:, 1])
+    _check(kps, DISC, disc[0][order], None, disc[2][order], tol=0.01)
+    assert all(kp["mm"] is None for kp in kps)
+
+
+def test_round_trip_full_output_tensor_and_batched_affines():
+    affine, disc, vert, out = _round_trip_inputs()
+    dl, do = _perfect_prediction(out, "disc")
+    vl, vo = _perfect_prediction(out, "vertebra")
+    output = torch.cat([dl, do, vl, vo], 1).repeat(2, 1, 1, 1)
+    parts = split_output(output, {"disc": 3, "vertebra": 2})
+    assert torch.equal(parts["vertebra"][1], vo.repeat(2, 1, 1, 1))
+    res = decode_keypoints(output, {"disc": {"levels": DISC.levels, "classes": DISC.classes},
+                                    "vertebra": {"levels": VERT.levels, "classes": VERT.classes}},
+                           upsample=1, affine=torch.stack([affine, affine]))
+    assert len(res) == 2
+    for r in res:
+        _check(r["disc"], DISC, disc[0], disc[1], disc[2], tol=0.01)
+        _check(r["vertebra"], VERT, vert[0], vert[1], vert[2], tol=0.01)
+
+
+def test_stride_four_targets_decode_to_image_grid():
+    affine, disc, _, out = _round_trip_inputs(stride=4, radius=1.5)
+    assert out["disc_heatmap"].shape == (3, 32, 32)
+    kps = decode_keypoints(*_perfect_prediction(out, "disc"), DISC, upsample=1, stride=4, radius=1.5, affine=affine)
+    _check(kps[0]["disc"], DISC, disc[0], disc[1], disc[2], tol=0.05)
+
+
+def test_network_like_stride_four_predictions_upsampled():
+    """Coarse (32 x 32) logits and offsets, as a stride-4 network would give, decoded with upsample=4."""
+    affine, disc, _, _ = _round_trip_inputs()
+    gt_xy, labels = disc[0], disc[2]
+    n = 32
+    centres = target_to_image(torch.arange(n, dtype=torch.float64), 4)  # coarse (stride 4) centres on target grid
+    cy, cx = centres.view(n, 1), centres.view(1, n)
+    d2 = (gt_xy[:, 0].view(-1, 1, 1) - cx) ** 2 + (gt_xy[:, 1].view(-1, 1, 1) - cy) ** 2
+    near = d2.argmin(0)  # every coarse pixel points at its nearest keypoint (offsets in target pixels)
+    logits = torch.full((1, 3, n, n), -8.0, dtype=torch.float64)
+    offsets = torch.zeros(1, 6, n, n, dtype=torch.float64)
+    for k in range(len(gt_xy)):
+        own = near == k
+        c = int(labels[k])
+        logits[0, c][own & (d2[k] <= 2.0**2)] = 6.0
+        offsets[0, 2 * c][own] = (gt_xy[k, 0] - cx).expand(n, n)[own]
+        offsets[0, 2 * c + 1][own] = (gt_xy[k, 1] - cy).expand(n, n)[own]
+    kps = decode_keypoints(logits.float(), offsets.float(), DISC, upsample=4, affine=affine)[0]["disc"]
+    assert [kp["level"] for kp in kps] == list(DISC.levels)
+    assert [kp["label"] for kp in kps] == labels.tolist()
+    np.testing.assert_allclose([kp["xy"] for kp in kps], gt_xy.numpy(), atol=1.0)
+
+
+def test_class_probabilities_score_and_fewer_peaks():
+    spec = StreamSpec("disc", ("a", "b", "c", "d", "e"), ("n", "d"))
+    h = w = 24
+    radius = 2.0
+    probs = torch.zeros(1, 2, h, w)
+    offsets = torch.zeros(1, 4, h, w)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    disk = ((cols - 10) ** 2 + (rows - 7) ** 2) <= radius**2  # 13 pixels voting at (x=10, y=7)
+    probs[0, 0][disk], probs[0, 1][disk] = 0.3, 0.6
+    for c in range(2):
+        offsets[0, 2 * c][disk] = (10 - cols)[disk].float()
+        offsets[0, 2 * c + 1][disk] = (7 - rows)[disk].float()
+    logits = torch.logit(probs)
+    kps = decode_keypoints(logits, offsets, spec, upsample=1, radius=radius)[0]["disc"]
+    assert len(kps) == 1  # one positive peak for five levels
+    kp = kps[0]
+    assert kp["level"] == "a" and kp["label"] == 1 and kp["class_name"] == "d"
+    assert kp["probabilities"] == pytest.approx([1 / 3, 2 / 3], rel=1e-5)
+    assert kp["score"] == pytest.approx(0.6 * 13 / (math.pi * radius**2), rel=1e-5)
+    assert kp["xy"] == pytest.approx([10.0, 7.0], abs=1e-5)
+
+
+def test_plateau_peak_counted_once():
+    """A vote split evenly between two pixels makes two equal maxima; they are one keypoint."""
+    spec = StreamSpec("disc", ("a", "b"), ("n",))
+    logits = torch.full((1, 1, 12, 12), -math.inf)  # background votes nothing
+    offsets = torch.zeros(1, 2, 12, 12)
+    logits[0, 0, 5, 5] = 10.0
+    offsets[0, 0, 5, 5] = 0.5
+    kps = decode_keypoints(logits, offsets, spec, upsample=1)[0]["disc"]
+    assert len(kps) == 1 and kps[0]["xy"] == pytest.approx([5.5, 5.0], abs=1e-4)
+
+
+def test_decode_argument_checks():
+    with pytest.raises(ValueError, match="3 heatmap"):
+        decode_keypoints(torch.zeros(1, 2, 8, 8), torch.zeros(1, 4, 8, 8), DISC)
+    with pytest.raises(ValueError, match="split dict"):
+        decode_keypoints(torch.zeros(1, 2, 8, 8), torch.zeros(1, 4, 8, 8), [DISC, VERT])
+    with pytest.raises(ValueError, match="lacks"):
+        decode_keypoints({"disc": (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8))}, [DISC, VERT])
+    with pytest.raises(ValueError, match="affine"):
+        decode_keypoints(torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8), DISC, affine=torch.eye(3))
+    with pytest.raises(ValueError, match="nms_kernel"):
+        decode_keypoints(torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8), DISC, nms_kernel=2)
