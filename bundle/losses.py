@@ -1,0 +1,198 @@
+"""SpineOne training loss (paper eq. 4-7): focal heatmap loss, L1 offset loss, objective association.
+
+Per stream with ``C`` classes the network predicts ``C`` heatmap logits and ``2C`` offsets on the
+stride-4 grid (layout: :func:`bundle.streams.split_output`). Both are upsampled bilinearly to the
+target grid (the paper's ``B(.)``) and compared with the OCPC targets:
+
+- heatmap: sigmoid focal loss (gamma 2), summed over pixels and classes of the batch and divided by
+  the number of positive target pixels (target > 0.5) of that stream in the batch, at least 1;
+- offset: L1 inside the disks, summed over the masked elements and divided by their number (each of
+  dx, dy counts once), at least 1. So the offset term is the mean absolute error in target-grid
+  pixels per masked coordinate, independent of the number of keypoints and of the batch size.
+
+Total = sum of all terms of all streams, no weights.
+
+Objective association (OA): ``g = dL_heatmap / dh`` with ``h`` the upsampled heatmap logits,
+detached; weights ``w = 1 + minmax(clip(g, -100, 100))`` per sample and channel, repeated onto the
+(dx, dy) pair of each class; the offset loss becomes ``|w * o_hat - o|`` ("paper", as eq. 7 writes it)
+or ``w * |o_hat - o|`` ("weighted_error"). ``g`` is computed on a detached copy of the logits, so OA
+works under ``torch.no_grad()`` (evaluation) as in training, and only changes the offset term's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.data import MetaTensor
+from monai.losses import FocalLoss
+from torch import nn
+
+from bundle.streams import StreamSpec, split_output
+
+__all__ = ["OA_MODES", "SpineOneLoss", "oa_weights", "total_loss"]
+
+OA_MODES = ("paper", "weighted_error")
+OA_CLIP = 100.0
+
+
+def total_loss(parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Plain sum of the loss parts (the paper's total, no weights)."""
+    if not parts:
+        raise ValueError("no loss parts to sum")
+    return torch.stack([p.reshape(()) for p in parts.values()]).sum()
+
+
+def oa_weights(grad: torch.Tensor, clip: float = OA_CLIP) -> torch.Tensor:
+    """Objective-association weights from the heatmap-loss gradient.
+
+    Args:
+        grad: (B, C, H, W) gradient of the heatmap loss with respect to the heatmap logits.
+        clip: gradients are clipped to [-clip, clip] first.
+
+    Returns:
+        (B, 2C, H, W) weights in [1, 2]: ``1 + (g - min) / (max - min)`` per sample and channel
+        (a constant channel gives 1), class channel c copied to offset channels 2c (dx) and 2c + 1 (dy).
+
+    Example:
+        >>> g = torch.tensor([[[[0.0, 1.0], [2.0, 4.0]]]])
+        >>> oa_weights(g)[0, :, 0, 1].tolist()
+        [1.25, 1.25]
+    """
+    if grad.ndim != 4:
+        raise ValueError(f"expected a gradient of shape (B, C, H, W), got {tuple(grad.shape)}")
+    if clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    g = grad.detach().clamp(-clip, clip)
+    low = g.amin(dim=(2, 3), keepdim=True)
+    span = g.amax(dim=(2, 3), keepdim=True) - low
+    norm = torch.where(span > 0, (g - low) / span.clamp_min(torch.finfo(g.dtype).tiny), torch.zeros_like(g))
+    return (1.0 + norm).repeat_interleave(2, dim=1)
+
+
+class SpineOneLoss(nn.Module):
+    """Sum over streams of the focal heatmap loss and the (OA-weighted) L1 offset loss.
+
+    Args:
+        streams: ordered ``{name: C}`` (or StreamSpecs), as in the network output.
+        gamma: focal loss exponent (paper: 2).
+        oa_enabled: apply objective association; an event handler may switch it at run time.
+        oa_mode: "paper" (``|w * o_hat - o|``) or "weighted_error" (``w * |o_hat - o|``).
+        use_offset_loss: False drops the offset terms (ablation); their parts are then 0.
+
+    ``forward(pred, targets)``: ``pred`` (B, sum 3C, h, w) raw network output; ``targets`` holds per
+    stream ``{name}_heatmap`` (B, C, H, W) in {0, 1}, ``{name}_offset`` (B, 2C, H, W) in target-grid
+    pixels and ``{name}_offset_mask`` (B, 2C, H, W) in {0, 1}. Returns ``(total, parts)`` with
+    ``parts = {f"{name}_heatmap": t, f"{name}_offset": t}`` (scalars) and ``total == sum(parts.values())``.
+
+    Example:
+        >>> loss = SpineOneLoss({"disc": 3})
+        >>> t = {"disc_heatmap": torch.zeros(1, 3, 8, 8), "disc_offset": torch.zeros(1, 6, 8, 8),
+        ...      "disc_offset_mask": torch.zeros(1, 6, 8, 8)}
+        >>> total, parts = loss(torch.zeros(1, 9, 4, 4), t)
+        >>> sorted(parts)
+        ['disc_heatmap', 'disc_offset']
+    """
+
+    def __init__(
+        self,
+        streams: Mapping[str, int] | Sequence[StreamSpec],
+        gamma: float = 2.0,
+        oa_enabled: bool = False,
+        oa_mode: str = "paper",
+        use_offset_loss: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(streams, Mapping):
+            self.streams = {str(k): int(v) for k, v in streams.items()}
+        else:
+            self.streams = {s.name: s.num_classes for s in streams}
+        if not self.streams or any(c < 1 for c in self.streams.values()):
+            raise ValueError(f"streams must map names to class counts >= 1, got {self.streams}")
+        if gamma < 0:
+            raise ValueError(f"gamma must be >= 0, got {gamma}")
+        self.gamma = float(gamma)
+        self.oa_enabled = bool(oa_enabled)
+        self.oa_mode = oa_mode
+        self.use_offset_loss = bool(use_offset_loss)
+        # reduction="none" then an explicit sum: MONAI's reduction="sum" first averages over the
+        # spatial dimensions, which is not the pixel sum the normalisation by positives assumes.
+        self.focal = FocalLoss(use_softmax=False, gamma=self.gamma, alpha=None, reduction="none")
+
+    @property
+    def oa_mode(self) -> str:
+        return self._oa_mode
+
+    @oa_mode.setter
+    def oa_mode(self, mode: str) -> None:
+        if mode not in OA_MODES:
+            raise ValueError(f"oa_mode must be one of {OA_MODES}, got {mode!r}")
+        self._oa_mode = mode
+
+    def heatmap_loss(self, logits: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+        """Focal loss summed over (B, C, H, W), divided by max(1, #pixels with heatmap > 0.5)."""
+        num_pos = (heatmap > 0.5).sum().clamp_min(1).to(torch.float32)
+        return self.focal(logits, heatmap).sum() / num_pos
+
+    def heatmap_gradient(self, logits: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+        """Detached ``d heatmap_loss / d logits`` (B, C, H, W), computed on a detached leaf copy.
+
+        The copy makes OA independent of whether ``logits`` carries a graph (``torch.no_grad()``).
+        """
+        leaf = logits.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(self.heatmap_loss(leaf, heatmap), leaf)
+        return grad.detach()
+
+    def offset_loss(
+        self, offsets: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Masked L1 in target-grid pixels, divided by max(1, #masked elements); optional OA weights (B, 2C, H, W)."""
+        m = (mask > 0.5).to(offsets.dtype)
+        if weights is None:
+            err = (offsets - target).abs()
+        elif self.oa_mode == "paper":
+            err = (weights * offsets - target).abs()
+        else:
+            err = weights * (offsets - target).abs()
+        return (err * m).sum() / m.sum().clamp_min(1)
+
+    def forward(
+        self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if isinstance(pred, MetaTensor):
+            pred = pred.as_tensor()
+        parts: dict[str, torch.Tensor] = {}
+        for name, (logits, offsets) in split_output(pred, self.streams).items():
+            c = self.streams[name]
+            heatmap, offset, mask = self._stream_targets(targets, name, c, pred.shape[0])
+            size = heatmap.shape[-2:]
+            if logits.shape[-2:] != size:
+                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+                offsets = F.interpolate(offsets, size=size, mode="bilinear", align_corners=False)
+            parts[f"{name}_heatmap"] = self.heatmap_loss(logits, heatmap)
+            if not self.use_offset_loss:
+                parts[f"{name}_offset"] = torch.zeros((), dtype=parts[f"{name}_heatmap"].dtype, device=pred.device)
+                continue
+            weights = oa_weights(self.heatmap_gradient(logits, heatmap)) if self.oa_enabled else None
+            parts[f"{name}_offset"] = self.offset_loss(offsets, offset, mask, weights)
+        return total_loss(parts), parts
+
+    @staticmethod
+    def _stream_targets(
+        targets: Mapping[str, torch.Tensor], name: str, c: int, batch: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        keys = (f"{name}_heatmap", f"{name}_offset", f"{name}_offset_mask")
+        missing = [k for k in keys if k not in targets]
+        if missing:
+            raise KeyError(f"targets miss {missing} for stream {name!r}; got keys {sorted(targets)}")
+        # plain tensors: MetaTensor targets would turn the loss values into MetaTensors
+        heatmap, offset, mask = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (targets[k] for k in keys))
+        if heatmap.ndim != 4 or tuple(heatmap.shape[:2]) != (batch, c):
+            raise ValueError(f"{keys[0]} must be (B={batch}, C={c}, H, W), got {tuple(heatmap.shape)}")
+        expected = (batch, 2 * c, *heatmap.shape[-2:])
+        for key, t in ((keys[1], offset), (keys[2], mask)):
+            if tuple(t.shape) != expected:
+                raise ValueError(f"{key} must be {expected}, got {tuple(t.shape)}")
+        return heatmap, offset, mask
