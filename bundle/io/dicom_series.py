@@ -1,0 +1,275 @@
+"""One DICOM series: list its files, read and check slice geometry, sort spatially, build the affine.
+
+Geometry conventions (DICOM patient coordinates, LPS, mm):
+``IOP[0:3]`` is the direction of increasing column index, ``IOP[3:6]`` of increasing row index,
+``PixelSpacing = (row spacing, column spacing)``, the slice normal is ``cross(IOP[0:3], IOP[3:6])``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from bundle.errors import BundleInputError
+from bundle.io.pixels import read_header
+
+__all__ = [
+    "SliceHeader",
+    "SortedSeries",
+    "list_dicom_files",
+    "slice_header",
+    "read_slice_headers",
+    "slice_normal",
+    "plane_name",
+    "pixel_to_patient",
+    "sort_series",
+    "middle_indices",
+    "series_affine",
+    "SAGITTAL_THRESHOLD",
+]
+
+SAGITTAL_THRESHOLD = 0.75  # |normal . x| above this is a sagittal plane (data-formats.md)
+_GEOMETRY_TAGS = {
+    "ImagePositionPatient": "(0020,0032)",
+    "ImageOrientationPatient": "(0020,0037)",
+    "PixelSpacing": "(0028,0030)",
+    "Rows": "(0028,0010)",
+    "Columns": "(0028,0011)",
+}
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """Geometry and identity of one single-frame DICOM image (no pixel data)."""
+
+    path: Path
+    series_uid: str
+    study_uid: str
+    sop_uid: str
+    instance_number: int  # -1 when absent
+    position: np.ndarray  # (3,) ImagePositionPatient, mm: centre of the first transmitted pixel
+    orientation: np.ndarray  # (6,) ImageOrientationPatient
+    pixel_spacing: tuple[float, float]  # (row spacing, column spacing), mm
+    rows: int
+    cols: int
+    description: str
+    spacing_between_slices: float | None
+    slice_thickness: float | None
+
+    @property
+    def normal(self) -> np.ndarray:
+        """Unit slice normal ``cross(IOP[0:3], IOP[3:6])``, shape (3,)."""
+        return slice_normal(self.orientation)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+
+def slice_normal(orientation: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Unit normal (3,) of a plane given by the 6 ImageOrientationPatient values."""
+    iop = np.asarray(orientation, dtype=np.float64).reshape(6)
+    n = np.cross(iop[:3], iop[3:])
+    norm = np.linalg.norm(n)
+    if norm < 1e-6:
+        raise ValueError(f"degenerate ImageOrientationPatient {iop.tolist()}: row and column directions are parallel")
+    return n / norm
+
+
+def plane_name(normal: np.ndarray) -> str:
+    """'sagittal', 'coronal', 'axial' (|component| > 0.75 along x, y, z) or 'oblique'."""
+    for axis, name in enumerate(("sagittal", "coronal", "axial")):
+        if abs(float(normal[axis])) > SAGITTAL_THRESHOLD:
+            return name
+    return "oblique"
+
+
+def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
+    """Patient mm (3,) of the pixel (x = column, y = row) of ``header``'s image.
+
+    ``p = IPP + x * PS[1] * IOP[0:3] + y * PS[0] * IOP[3:6]``.
+    """
+    iop = header.orientation
+    return header.position + x * header.pixel_spacing[1] * iop[:3] + y * header.pixel_spacing[0] * iop[3:]
+
+
+def list_dicom_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Files of a series given as a directory (its regular files, ``*.dcm`` if any) or a list of paths."""
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        if not folder.exists():
+            raise BundleInputError(f"{folder}: series folder or file not found")
+        if folder.is_file():
+            return [folder]
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        dcm = [p for p in files if p.suffix.lower() == ".dcm"]
+        files = dcm or files
+        if not files:
+            raise BundleInputError(f"{folder}: the series folder holds no files")
+        return files
+    files = [Path(p) for p in source]
+    if not files:
+        raise BundleInputError("empty list of DICOM files: a series needs at least one file")
+    return files
+
+
+def _float_tag(ds: Dataset, name: str) -> float | None:
+    value = getattr(ds, name, None)
+    try:
+        return float(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def slice_header(ds: Dataset, path: str | os.PathLike) -> SliceHeader:
+    """Check and extract the geometry of one image header; BundleInputError names the file and the tag."""
+    for tag, number in _GEOMETRY_TAGS.items():
+        if getattr(ds, tag, None) in (None, ""):
+            raise BundleInputError(f"{path}: missing {tag} {number}, needed for the slice geometry")
+    try:
+        position = np.array([float(v) for v in ds.ImagePositionPatient], dtype=np.float64)
+        orientation = np.array([float(v) for v in ds.ImageOrientationPatient], dtype=np.float64)
+        spacing = tuple(float(v) for v in ds.PixelSpacing)
+    except (TypeError, ValueError) as err:
+        raise BundleInputError(f"{path}: non-numeric geometry tag ({err})") from err
+    if position.shape != (3,):
+        raise BundleInputError(f"{path}: ImagePositionPatient (0020,0032) needs 3 values, got {position.tolist()}")
+    if orientation.shape != (6,):
+        raise BundleInputError(
+            f"{path}: ImageOrientationPatient (0020,0037) needs 6 values, got {orientation.tolist()}"
+        )
+    if len(spacing) != 2 or min(spacing) <= 0:
+        raise BundleInputError(f"{path}: PixelSpacing (0028,0030) needs 2 positive values, got {list(spacing)}")
+    try:
+        slice_normal(orientation)
+    except ValueError as err:
+        raise BundleInputError(f"{path}: {err}") from err
+    number = getattr(ds, "InstanceNumber", None)
+    return SliceHeader(
+        path=Path(path),
+        series_uid=str(getattr(ds, "SeriesInstanceUID", "") or ""),
+        study_uid=str(getattr(ds, "StudyInstanceUID", "") or ""),
+        sop_uid=str(getattr(ds, "SOPInstanceUID", "") or ""),
+        instance_number=int(number) if number not in (None, "") else -1,
+        position=position,
+        orientation=orientation,
+        pixel_spacing=(spacing[0], spacing[1]),
+        rows=int(ds.Rows),
+        cols=int(ds.Columns),
+        description=str(getattr(ds, "SeriesDescription", "") or ""),
+        spacing_between_slices=_float_tag(ds, "SpacingBetweenSlices"),
+        slice_thickness=_float_tag(ds, "SliceThickness"),
+    )
+
+
+def read_slice_headers(files: Sequence[str | os.PathLike]) -> list[SliceHeader]:
+    """Read headers only (``stop_before_pixels``) and check each file's geometry tags."""
+    out = []
+    for f in files:
+        ds = read_header(f)
+        if int(getattr(ds, "NumberOfFrames", 1) or 1) > 1:
+            raise BundleInputError(f"{f}: multi-frame image ({ds.NumberOfFrames} frames); one file per slice expected")
+        out.append(slice_header(ds, f))
+    return out
+
+
+@dataclass(frozen=True)
+class SortedSeries:
+    """A checked series sorted along its slice normal (ascending ``position . normal``)."""
+
+    slices: list[SliceHeader]
+    normal: np.ndarray  # (3,) unit
+    offsets: np.ndarray  # (S,) position . normal, mm, ascending
+    slice_spacing: float  # mm
+
+    @property
+    def series_uid(self) -> str:
+        return self.slices[0].series_uid
+
+    @property
+    def middle(self) -> int:
+        """Index of the middle slice, ``(S - 1) // 2``."""
+        return (len(self.slices) - 1) // 2
+
+
+def _series_name(headers: Sequence[SliceHeader]) -> str:
+    uid = headers[0].series_uid or "<no SeriesInstanceUID>"
+    return f"series {uid} ({headers[0].path.parent})"
+
+
+def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True) -> SortedSeries:
+    """Check that ``headers`` form one series of equal-shaped parallel slices and sort them spatially.
+
+    Slices are ordered by the projection of ImagePositionPatient on the slice normal, never by
+    InstanceNumber. Slice spacing = median gap of the sorted projections; with one slice (or all
+    at one position) SpacingBetweenSlices, then SliceThickness, then 1 mm.
+    """
+    if not headers:
+        raise BundleInputError("no DICOM slices given")
+    uids = sorted({h.series_uid for h in headers})
+    if len(uids) > 1:
+        raise BundleInputError(
+            f"files of {len(uids)} series given where one is expected ({headers[0].path.parent}): "
+            f"SeriesInstanceUID {uids}"
+        )
+    shapes = sorted({h.shape for h in headers})
+    if len(shapes) > 1:
+        raise BundleInputError(f"{_series_name(headers)} mixes image shapes (Rows, Columns) {shapes}")
+    normal = headers[0].normal
+    for h in headers[1:]:
+        if abs(float(np.dot(h.normal, normal))) < 0.99:
+            raise BundleInputError(
+                f"{_series_name(headers)} mixes slice orientations: {h.path} has ImageOrientationPatient "
+                f"{h.orientation.round(4).tolist()}, {headers[0].path} has {headers[0].orientation.round(4).tolist()}"
+            )
+    if require_sagittal and abs(float(normal[0])) <= SAGITTAL_THRESHOLD:
+        raise BundleInputError(
+            f"{_series_name(headers)} is not sagittal: it is {plane_name(normal)} "
+            f"(ImageOrientationPatient {headers[0].orientation.round(4).tolist()}, "
+            f"slice normal {normal.round(3).tolist()}, |normal . x| = {abs(normal[0]):.3f} <= {SAGITTAL_THRESHOLD})"
+        )
+    offsets = np.array([float(np.dot(h.position, normal)) for h in headers])
+    order = np.argsort(offsets, kind="stable")
+    slices = [headers[i] for i in order]
+    offsets = offsets[order]
+    gaps = np.diff(offsets)
+    spacing = float(np.median(gaps)) if gaps.size else 0.0
+    if spacing <= 1e-6:
+        first = slices[0]
+        spacing = first.spacing_between_slices or first.slice_thickness or 1.0
+    return SortedSeries(slices=slices, normal=normal, offsets=offsets, slice_spacing=float(spacing))
+
+
+def middle_indices(num_total: int, num_slices: int) -> list[int]:
+    """Indices of the ``num_slices`` slices centred on ``(num_total - 1) // 2``, edge-repeated when short.
+
+    Channel ``(num_slices - 1) // 2`` is the middle slice.
+
+    Example:
+        >>> middle_indices(3, 7)
+        [0, 0, 0, 1, 2, 2, 2]
+    """
+    if num_total < 1 or num_slices < 1:
+        raise ValueError(f"num_total and num_slices must be >= 1, got {num_total}, {num_slices}")
+    centre = (num_total - 1) // 2
+    start = centre - (num_slices - 1) // 2
+    return [min(max(start + i, 0), num_total - 1) for i in range(num_slices)]
+
+
+def series_affine(middle: SliceHeader, slice_spacing: float) -> np.ndarray:
+    """4x4 float64 affine from voxel (row i, col j, k) to patient mm (LPS); k = 0 is ``middle``'s plane.
+
+    Columns: ``PS[0] * IOP[3:6]``, ``PS[1] * IOP[0:3]``, ``normal * slice_spacing``, ``IPP``.
+    """
+    iop = middle.orientation
+    affine = np.eye(4)
+    affine[:3, 0] = middle.pixel_spacing[0] * iop[3:]
+    affine[:3, 1] = middle.pixel_spacing[1] * iop[:3]
+    affine[:3, 2] = middle.normal * float(slice_spacing)
+    affine[:3, 3] = middle.position
+    return affine

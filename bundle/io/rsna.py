@@ -1,0 +1,208 @@
+"""Datalist items from the RSNA 2024 Lumbar Spine Degenerative Classification layout.
+
+Stream "disc" = spinal canal stenosis at L1/L2..L5/S1 on the study's Sagittal T2/STIR series.
+Points (x = column, y = row, pixels of the referenced instance) become patient mm with that
+instance's own geometry, so they stay valid on any series of the study.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from bundle.errors import BundleInputError
+from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
+from bundle.io.pixels import read_header
+from bundle.io.series_selection import RSNA_SAGITTAL_T2
+from bundle.streams import RSNA_LEVELS, RSNA_STREAMS
+
+__all__ = ["build_rsna_datalist", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
+
+logger = logging.getLogger(__name__)
+
+RSNA_CONDITIONS = (
+    "Spinal Canal Stenosis",
+    "Left Neural Foraminal Narrowing",
+    "Right Neural Foraminal Narrowing",
+    "Left Subarticular Stenosis",
+    "Right Subarticular Stenosis",
+)
+RSNA_SEVERITY_CLASSES = {"normal/mild": 0, "moderate": 1, "severe": 2}
+_SPINAL = "Spinal Canal Stenosis"
+_CONDITION_KEYS = {c.lower(): c for c in RSNA_CONDITIONS}
+_LEVEL_KEYS = {lv.lower(): lv for lv in RSNA_LEVELS}
+
+
+def _snake(text: str) -> str:
+    return text.lower().replace(" ", "_").replace("/", "_")
+
+
+def _rows(path: Path, required: set[str]) -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV read with the csv module; ids stay strings."""
+    if not path.is_file():
+        raise BundleInputError(f"{path}: file not found")
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = required - set(reader.fieldnames or ())
+        if missing:
+            raise BundleInputError(f"{path}: missing column(s) {sorted(missing)}")
+        for row in reader:
+            yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}
+
+
+def _norm_condition(text: str, where: str) -> str:
+    key = text.replace("_", " ").strip().lower()
+    if key not in _CONDITION_KEYS:
+        raise BundleInputError(f"{where}: unknown condition {text!r}; expected one of {list(RSNA_CONDITIONS)}")
+    return _CONDITION_KEYS[key]
+
+
+def _norm_level(text: str, where: str) -> str:
+    key = text.replace("_", "/").strip().lower()
+    if key not in _LEVEL_KEYS:
+        raise BundleInputError(f"{where}: unknown level {text!r}; expected one of {list(RSNA_LEVELS)}")
+    return _LEVEL_KEYS[key]
+
+
+def _read_series(path: Path) -> dict[str, list[tuple[str, str]]]:
+    """study_id -> [(series_id, description)] in file order."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for _, row in _rows(path, {"study_id", "series_id", "series_description"}):
+        out.setdefault(row["study_id"], []).append((row["series_id"], row["series_description"]))
+    return out
+
+
+def _read_labels(path: Path) -> dict[str, list[int]]:
+    """study_id -> spinal canal stenosis class per level (-1 for an empty cell)."""
+    columns = [f"spinal_canal_stenosis_{_snake(level)}" for level in RSNA_LEVELS]
+    labels: dict[str, list[int]] = {}
+    for line, row in _rows(path, {"study_id", *columns}):
+        values = []
+        for column in columns:
+            cell = row[column]
+            if cell == "":
+                values.append(-1)
+            elif cell.lower() in RSNA_SEVERITY_CLASSES:
+                values.append(RSNA_SEVERITY_CLASSES[cell.lower()])
+            else:
+                raise BundleInputError(
+                    f"{path}, row {line}: unknown severity {cell!r} in column {column}; "
+                    "expected Normal/Mild, Moderate, Severe or empty"
+                )
+        labels[row["study_id"]] = values
+    return labels
+
+
+def _read_points(path: Path) -> dict[str, list[dict]]:
+    """study_id -> spinal canal points; every row's condition, level and numbers are checked."""
+    points: dict[str, list[dict]] = {}
+    required = {"study_id", "series_id", "instance_number", "condition", "level", "x", "y"}
+    for line, row in _rows(path, required):
+        where = f"{path}, row {line}"
+        condition = _norm_condition(row["condition"], where)
+        level = _norm_level(row["level"], where)
+        try:
+            x, y = float(row["x"]), float(row["y"])
+            instance = int(row["instance_number"])
+        except ValueError as err:
+            raise BundleInputError(f"{where}: non-numeric instance_number/x/y ({err})") from err
+        if not (math.isfinite(x) and math.isfinite(y)):
+            raise BundleInputError(f"{where}: coordinates must be finite, got x={row['x']}, y={row['y']}")
+        if condition == _SPINAL:
+            points.setdefault(row["study_id"], []).append(
+                {"series_id": row["series_id"], "instance": instance, "level": level, "x": x, "y": y, "where": where}
+            )
+    return points
+
+
+def _sagittal_t2(series: list[tuple[str, str]]) -> list[str]:
+    return [sid for sid, desc in series if desc.lower() == RSNA_SAGITTAL_T2.lower()]
+
+
+def build_rsna_datalist(
+    root: str | os.PathLike,
+    *,
+    image_dir: str | None = None,
+    split: str = "train",
+) -> list[dict]:
+    """Datalist items (see the project's datalist format) for an RSNA 2024 data folder.
+
+    Args:
+        root: folder holding ``train.csv``, ``train_label_coordinates.csv``, ``{split}_series_descriptions.csv``.
+        image_dir: image folder under ``root``; default ``"{split}_images"`` (``train_images``).
+        split: ``"train"`` (items with keypoints) or ``"test"`` (items without keypoints).
+
+    Returns:
+        items ``{"image": series folder (absolute), "study_id", "series_id", "keypoints": {"disc":
+        {"mm": [[x, y, z] | None] * 5, "label": [0|1|2|-1] * 5}}}`` in train.csv / CSV order; test items
+        have no "keypoints". Studies without a Sagittal T2/STIR series are skipped with a warning.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    root = Path(root).resolve()
+    images = root / (image_dir or f"{split}_images")
+    series_csv = root / f"{split}_series_descriptions.csv"
+    series = _read_series(series_csv)
+    if split == "test":
+        items = []
+        for study, study_series in series.items():
+            candidates = _sagittal_t2(study_series)
+            if not candidates:
+                logger.warning("study %s: no %s series in %s, skipped", study, RSNA_SAGITTAL_T2, series_csv)
+                continue
+            folder = images / study / candidates[0]
+            if not folder.is_dir():
+                raise BundleInputError(f"{series_csv}: series folder {folder} not found (study {study})")
+            items.append({"image": str(folder), "study_id": study, "series_id": candidates[0]})
+        return items
+
+    labels_csv, points_csv = root / "train.csv", root / "train_label_coordinates.csv"
+    labels = _read_labels(labels_csv)
+    points = _read_points(points_csv)
+    headers: dict[Path, SliceHeader] = {}
+    items = []
+    for study, study_labels in labels.items():
+        candidates = _sagittal_t2(series.get(study, []))
+        if not candidates:
+            logger.warning("study %s: no %s series in %s, skipped", study, RSNA_SAGITTAL_T2, series_csv)
+            continue
+        study_points = points.get(study, [])
+        counts = {sid: sum(p["series_id"] == sid for p in study_points) for sid in candidates}
+        chosen = max(candidates, key=lambda sid: counts[sid])  # first one on ties (max keeps the first)
+        folder = images / study / chosen
+        if not folder.is_dir():
+            raise BundleInputError(f"{series_csv}: series folder {folder} not found (study {study})")
+        mm: list[list[float] | None] = [None] * len(RSNA_LEVELS)
+        for level_index, level in enumerate(RSNA_LEVELS):
+            rows = [p for p in study_points if p["level"] == level]
+            rows.sort(key=lambda p: p["series_id"] != chosen)  # points on the chosen series first
+            if not rows:
+                continue
+            if len(rows) > 1:
+                logger.debug("study %s level %s: %d spinal points, using %s", study, level, len(rows), rows[0]["where"])
+            p = rows[0]
+            path = images / study / p["series_id"] / f"{p['instance']}.dcm"
+            if path not in headers:
+                if not path.is_file():
+                    raise BundleInputError(f"{p['where']}: referenced instance file {path} not found")
+                headers[path] = slice_header(read_header(path), path)
+            header = headers[path]
+            if not (0 <= p["x"] < header.cols and 0 <= p["y"] < header.rows):
+                raise BundleInputError(
+                    f"{p['where']}: point (x={p['x']}, y={p['y']}) lies outside the referenced instance "
+                    f"{path} of {header.cols} columns x {header.rows} rows"
+                )
+            mm[level_index] = [float(v) for v in pixel_to_patient(header, p["x"], p["y"])]
+        items.append(
+            {
+                "image": str(folder),
+                "study_id": study,
+                "series_id": chosen,
+                "keypoints": {RSNA_STREAMS[0].name: {"mm": mm, "label": list(study_labels)}},
+            }
+        )
+    return items
