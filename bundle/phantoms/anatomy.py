@@ -1,0 +1,276 @@
+"""Lumbar spine anatomy of one phantom study, in patient mm (DICOM LPS: +x left, +y posterior, +z head).
+
+The spine's mid-sagittal centreline is a circular arc in the (y, z) plane at ``x = x_mid`` (lordosis:
+the centre of the circle lies posterior to the spine). Every point gets *spine coordinates*
+``(s, u, dx)``: ``s`` arc length along the centreline in mm (increasing towards the feet), ``u`` signed
+distance from the centreline along the posterior normal in mm (posterior positive), ``dx = x - x_mid``
+the lateral offset in mm. Vertebral bodies and discs are rounded rectangles in ``(s, u)`` whose
+antero-posterior extent shrinks laterally, so the structures are 3D and fade on lateral slices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from bundle.streams import RSNA_LEVELS, RSNA_SEVERITIES, TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
+
+__all__ = [
+    "BODY_NAMES",
+    "DISC_NAMES",
+    "DEFAULT_CLASS_FREQUENCIES",
+    "STENOSIS_RESIDUAL",
+    "Spine",
+    "check_class_frequencies",
+    "sample_spine",
+]
+
+BODY_NAMES = ("T10", "T11", "T12", "L1", "L2", "L3", "L4", "L5", "S1", "S2", "S3")
+DISC_NAMES = tuple(f"{a}-{b}" for a, b in zip(BODY_NAMES[:-1], BODY_NAMES[1:]))
+# nominal sizes in mm at scale 1 (adult lumbar spine)
+_BODY_HEIGHT = np.array([22, 23, 24, 25, 26, 27, 27, 26, 28, 24, 20], float)
+_BODY_DEPTH = np.array([30, 31, 33, 35, 37, 39, 40, 40, 38, 30, 24], float)
+_BODY_HALF_WIDTH = np.array([17, 18, 19, 20, 21, 22, 23, 24, 27, 24, 20], float)
+_DISC_HEIGHT = np.array([6, 6.5, 7, 8, 9, 10, 11, 10, 2, 1.5], float)
+_CANAL_REL = np.array([1.0, 1.0, 1.0, 1.05, 1.05, 1.0, 0.98, 0.95, 0.7, 0.35, 0.0], float)
+
+DEFAULT_CLASS_FREQUENCIES: dict[str, tuple[float, ...]] = {
+    "stenosis": (0.80, 0.13, 0.07),  # Normal/Mild, Moderate, Severe (RSNA spinal canal stenosis)
+    "disc": (0.65, 0.35),  # Normal, Degenerative (Tianchi discs)
+    "vertebra": (0.70, 0.30),  # Normal, Degenerative (Tianchi vertebrae)
+}
+# residual canal AP width / normal width, range per stenosis class
+STENOSIS_RESIDUAL = ((0.88, 1.0), (0.45, 0.55), (0.10, 0.20))
+_DEGENERATIVE_DISC_TAGS = ("v2", "v3", "v4", "v2,v5", "v3,v5", "v5")
+_STENOSIS_DISCS = tuple(level.replace("/", "-") for level in RSNA_LEVELS)  # "L1-L2" .. "L5-S1"
+
+
+def check_class_frequencies(freqs: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
+    """Validate and normalise class frequencies ``{"stenosis": 3, "disc": 2, "vertebra": 2 values}``.
+
+    Missing keys keep their defaults; values must be non-negative with a positive sum.
+
+    Example:
+        >>> check_class_frequencies({"disc": [1, 1]})["disc"]
+        (0.5, 0.5)
+    """
+    out = dict(DEFAULT_CLASS_FREQUENCIES)
+    for key, values in (freqs or {}).items():
+        if key not in out:
+            raise ValueError(f"class_frequencies: unknown key {key!r}, expected one of {sorted(out)}")
+        v = np.asarray(values, dtype=float)
+        if v.shape != (len(out[key]),):
+            raise ValueError(f"class_frequencies[{key!r}] needs {len(out[key])} values, got {list(values)}")
+        if not np.all(np.isfinite(v)) or np.any(v < 0) or v.sum() <= 0:
+            raise ValueError(f"class_frequencies[{key!r}] must be non-negative with a positive sum, got {list(values)}")
+        out[key] = tuple(float(x) for x in v / v.sum())
+    return out
+
+
+def _smoothstep(t: np.ndarray) -> np.ndarray:
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+def _rotate(v: np.ndarray, a: float) -> np.ndarray:
+    """Rotate a 2-vector (y, z) by ``a`` radians (counter-clockwise in the (y, z) plane)."""
+    return np.array([np.cos(a) * v[0] - np.sin(a) * v[1], np.sin(a) * v[0] + np.cos(a) * v[1]])
+
+
+@dataclass(frozen=True, eq=False)
+class Spine:
+    """Geometry, appearance factors and labels of one phantom spine (all lengths in patient mm).
+
+    Per-body arrays follow ``BODY_NAMES``, per-disc arrays ``DISC_NAMES``. ``stenosis`` holds the RSNA
+    class index per ``RSNA_LEVELS``; ``disc_labels``/``vertebra_labels`` the Tianchi class index
+    (0 normal, 1 degenerative) per ``TIANCHI_DISC_LEVELS``/``TIANCHI_VERTEBRA_LEVELS``.
+    """
+
+    scale: float
+    x_mid: float
+    centre: np.ndarray  # (2,) circle centre (y, z)
+    radius: float
+    apex_dir: np.ndarray  # (2,) unit vector (y, z) from the centre to the centreline point at s_apex
+    s_apex: float
+    body_s: np.ndarray
+    body_half: np.ndarray
+    body_depth: np.ndarray
+    body_half_width: np.ndarray
+    body_marrow: np.ndarray  # marrow signal factor
+    body_degenerate: np.ndarray  # bool: endplate / marrow (Modic-like) change
+    disc_s: np.ndarray
+    disc_half: np.ndarray
+    disc_bulge: np.ndarray  # posterior bulge in mm
+    disc_degenerate: np.ndarray  # bool: dark, thin, bulging disc
+    disc_narrowing: np.ndarray  # canal narrowing fraction (1 - residual) at each disc
+    canal_width: np.ndarray  # normal canal AP width at each body centre
+    canal_half_width: float  # lateral half-width of the dural sac
+    canal_gap: float  # posterior body margin to dural sac (ligament + epidural space)
+    conus_s: float  # end of the spinal cord
+    stenosis: tuple[int, ...]
+    disc_labels: tuple[int, ...]
+    vertebra_labels: tuple[int, ...]
+    disc_tags: tuple[str, ...]
+
+    # ---- mapping between patient mm and spine coordinates
+    def point(self, s: float, u: float = 0.0, dx: float = 0.0) -> np.ndarray:
+        """Patient-mm point (3,) of spine coordinates ``(s, u, dx)``."""
+        d = _rotate(self.apex_dir, (float(s) - self.s_apex) / self.radius)
+        yz = self.centre + (self.radius - float(u)) * d
+        return np.array([self.x_mid + float(dx), yz[0], yz[1]])
+
+    def coords(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Spine coordinates ``(s, u, dx)`` of patient-mm points (arrays of one shape)."""
+        vy = y - self.centre[0]
+        vz = z - self.centre[1]
+        ay, az = self.apex_dir
+        u = self.radius - np.hypot(vy, vz)
+        s = self.s_apex + self.radius * np.arctan2(ay * vz - az * vy, ay * vy + az * vz)
+        return s, u, x - self.x_mid
+
+    # ---- smooth profiles along s
+    def depth_at(self, s):
+        """Vertebral AP depth (mm) interpolated along s."""
+        return np.interp(s, self.body_s, self.body_depth)
+
+    def canal_width_at(self, s):
+        """Normal (unnarrowed) canal AP width (mm) along s."""
+        return np.interp(s, self.body_s, self.canal_width)
+
+    def narrowing_at(self, s):
+        """Canal narrowing fraction along s: flat over each disc, tapering over 4 mm (scaled) above/below."""
+        s = np.asarray(s, dtype=float)
+        out = np.zeros_like(s)
+        taper = 4.0 * self.scale
+        for c, h, n in zip(self.disc_s, self.disc_half, self.disc_narrowing):
+            if n > 0:
+                out = np.maximum(out, n * _smoothstep((h + taper - np.abs(s - c)) / taper))
+        return out
+
+    def canal_range(self, s: float) -> tuple[float, float, float, float]:
+        """Canal u-limits at ``s`` on the midline: normal (anterior, posterior) and residual CSF (lo, hi)."""
+        ant = 0.5 * float(self.depth_at(s)) + self.canal_gap
+        w = float(self.canal_width_at(s))
+        n = float(self.narrowing_at(s))
+        return ant, ant + w, ant + 0.55 * n * w, ant + w - 0.45 * n * w
+
+    # ---- keypoints (patient mm, on the mid-sagittal plane)
+    def body_centre(self, name: str) -> np.ndarray:
+        """Centre of a vertebral body (e.g. "L3")."""
+        k = BODY_NAMES.index(name)
+        return self.point(self.body_s[k], 0.0)
+
+    def disc_centre(self, name: str) -> np.ndarray:
+        """Centre of a disc (e.g. "L4-L5")."""
+        k = DISC_NAMES.index(name)
+        return self.point(self.disc_s[k], 0.0)
+
+    def canal_point(self, name: str) -> np.ndarray:
+        """Spinal-canal keypoint of a disc level: in the CSF just posterior to the disc at its vertical centre."""
+        k = DISC_NAMES.index(name)
+        _, _, lo, hi = self.canal_range(self.disc_s[k])
+        return self.point(self.disc_s[k], lo + min(4.0 * self.scale, 0.5 * (hi - lo)))
+
+    def keypoints(self) -> dict[str, dict[str, np.ndarray]]:
+        """Ground truth in patient mm: ``{"disc": {T12-L1..}, "vertebra": {L1..}, "canal": {L1/L2..}}``."""
+        return {
+            "disc": {n: self.disc_centre(n) for n in TIANCHI_DISC_LEVELS},
+            "vertebra": {n: self.body_centre(n) for n in TIANCHI_VERTEBRA_LEVELS},
+            "canal": {lv: self.canal_point(lv.replace("/", "-")) for lv in RSNA_LEVELS},
+        }
+
+    def labels(self) -> dict[str, dict[str, str]]:
+        """Class names per level: ``{"stenosis": {L1/L2: "Normal/Mild"..}, "disc": {..}, "vertebra": {..}}``."""
+        tianchi = ("Normal", "Degenerative")
+        return {
+            "stenosis": {lv: RSNA_SEVERITIES[c] for lv, c in zip(RSNA_LEVELS, self.stenosis)},
+            "disc": {lv: tianchi[c] for lv, c in zip(TIANCHI_DISC_LEVELS, self.disc_labels)},
+            "vertebra": {lv: tianchi[c] for lv, c in zip(TIANCHI_VERTEBRA_LEVELS, self.vertebra_labels)},
+        }
+
+
+def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]]) -> Spine:
+    """Draw a random spine: size, curvature, tilt, position and per-level degeneration.
+
+    ``freqs`` as returned by :func:`check_class_frequencies`. Labels are drawn independently per level.
+    """
+    sc = rng.uniform(0.85, 1.15)
+    nb, nd = len(BODY_NAMES), len(DISC_NAMES)
+    stenosis = rng.choice(3, size=len(RSNA_LEVELS), p=freqs["stenosis"])
+    disc_deg_lab = rng.choice(2, size=len(TIANCHI_DISC_LEVELS), p=freqs["disc"])
+    vert_deg_lab = rng.choice(2, size=len(TIANCHI_VERTEBRA_LEVELS), p=freqs["vertebra"])
+
+    disc_deg = np.zeros(nd, bool)
+    for lv, c in zip(TIANCHI_DISC_LEVELS, disc_deg_lab):
+        disc_deg[DISC_NAMES.index(lv)] = bool(c)
+    body_deg = np.zeros(nb, bool)
+    for lv, c in zip(TIANCHI_VERTEBRA_LEVELS, vert_deg_lab):
+        body_deg[BODY_NAMES.index(lv)] = bool(c)
+    narrowing = np.zeros(nd)
+    for lv, c in zip(_STENOSIS_DISCS, stenosis):
+        lo, hi = STENOSIS_RESIDUAL[c]
+        narrowing[DISC_NAMES.index(lv)] = 1.0 - rng.uniform(lo, hi)
+
+    body_h = _BODY_HEIGHT * sc * rng.uniform(0.94, 1.06, nb)
+    disc_h = _DISC_HEIGHT * sc * rng.uniform(0.9, 1.1, nd)
+    disc_h = np.where(disc_deg, disc_h * rng.uniform(0.55, 0.75, nd), disc_h)
+    bulge = np.where(disc_deg, rng.uniform(2.0, 4.0, nd), rng.uniform(0.0, 0.6, nd)) * sc
+    bulge[-2:] = 0.0  # rudimentary sacral discs
+
+    # centres along the arc, T10 top at s = 0
+    body_s = np.empty(nb)
+    disc_s = np.empty(nd)
+    top = 0.0
+    for k in range(nb):
+        body_s[k] = top + 0.5 * body_h[k]
+        top += body_h[k]
+        if k < nd:
+            disc_s[k] = top + 0.5 * disc_h[k]
+            top += disc_h[k]
+
+    # lordosis: the arc from the T12-L1 disc to the S1 centre turns by 25-50 degrees; the most anterior
+    # point (apex) is near L2-L3 so the thoracolumbar part stays near vertical and L5-S1 angles back
+    i_t12l1, i_s1 = DISC_NAMES.index("T12-L1"), BODY_NAMES.index("S1")
+    lordosis = np.deg2rad(rng.uniform(25.0, 50.0))
+    radius = (body_s[i_s1] - disc_s[i_t12l1]) / lordosis
+    s_apex = disc_s[DISC_NAMES.index("L2-L3")] + rng.uniform(-12.0, 12.0) * sc
+    tilt = np.deg2rad(rng.uniform(-6.0, 6.0))
+    apex_dir = np.array([-np.cos(tilt), -np.sin(tilt)])  # anterior (-y), tilted
+    # put the middle of the lumbar spine near a random table position
+    s_mid = 0.5 * (disc_s[i_t12l1] + disc_s[DISC_NAMES.index("L5-S1")])
+    a = (s_mid - s_apex) / radius
+    d_mid = _rotate(apex_dir, a)
+    mid_yz = np.array([rng.uniform(-30.0, 30.0), rng.uniform(-60.0, 60.0)])
+    centre = mid_yz - radius * d_mid
+
+    canal = rng.uniform(12.6, 15.0)  # normal canal AP width ~12-16 mm at the lumbar levels (not scaled)
+    tags = tuple(str(rng.choice(_DEGENERATIVE_DISC_TAGS)) if c else "v1" for c in disc_deg_lab)
+    return Spine(
+        scale=float(sc),
+        x_mid=float(rng.uniform(-15.0, 15.0)),
+        centre=centre,
+        radius=float(radius),
+        apex_dir=apex_dir,
+        s_apex=float(s_apex),
+        body_s=body_s,
+        body_half=0.5 * body_h,
+        body_depth=_BODY_DEPTH * sc * rng.uniform(0.95, 1.05, nb),
+        body_half_width=_BODY_HALF_WIDTH * sc,
+        body_marrow=rng.uniform(0.9, 1.1, nb),
+        body_degenerate=body_deg,
+        disc_s=disc_s,
+        disc_half=0.5 * disc_h,
+        disc_bulge=bulge,
+        disc_degenerate=disc_deg,
+        disc_narrowing=narrowing,
+        canal_width=canal * _CANAL_REL * rng.uniform(0.98, 1.02, nb),
+        canal_half_width=float(rng.uniform(10.0, 12.0) * sc),
+        canal_gap=float(rng.uniform(1.2, 2.0) * sc),
+        conus_s=float(body_s[BODY_NAMES.index("L1")] + rng.uniform(-15.0, 15.0) * sc),
+        stenosis=tuple(int(c) for c in stenosis),
+        disc_labels=tuple(int(c) for c in disc_deg_lab),
+        vertebra_labels=tuple(int(c) for c in vert_deg_lab),
+        disc_tags=tags,
+    )

@@ -1,0 +1,211 @@
+"""Phantom sets on disk in the RSNA 2024 and Tianchi (SDID-TC) folder, CSV and JSON layouts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from bundle.errors import BundleInputError
+from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
+from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
+from bundle.streams import RSNA_LEVELS
+
+__all__ = ["RSNA_CONDITIONS", "generate_phantoms", "planned_files"]
+
+RSNA_CONDITIONS = (
+    "spinal_canal_stenosis",
+    "left_neural_foraminal_narrowing",
+    "right_neural_foraminal_narrowing",
+    "left_subarticular_stenosis",
+    "right_subarticular_stenosis",
+)
+_RSNA_LEVEL_KEYS = tuple(lv.lower().replace("/", "_") for lv in RSNA_LEVELS)  # l1_l2 .. l5_s1
+_RSNA_TABLES = ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv")
+_TOP = {"rsna": set(_RSNA_TABLES) | {"train_images"}, "tianchi": {"lumbar_train", "lumbar_train_annotation.json"}}
+_IMAGES = {"rsna": "train_images", "tianchi": "lumbar_train"}
+
+
+def _dicom_paths(study: PhantomStudy) -> dict[str, tuple[int, int]]:
+    """Relative DICOM paths of a study -> (series position, spatial slice index)."""
+    out = {}
+    if study.layout == "rsna":
+        for j, ser in enumerate(study.series):
+            for k, inst in enumerate(ser.instance_numbers):
+                out[f"train_images/{study.study_id}/{ser.series_id}/{inst}.dcm"] = (j, k)
+    else:
+        pairs = [(j, k) for j, ser in enumerate(study.series) for k in range(ser.geometry.num_slices)]
+        order = np.random.default_rng([study.seed, study.index, 5]).permutation(len(pairs))  # shuffled file names
+        for name, i in enumerate(order):
+            out[f"lumbar_train/study{study.index}/image{name}.dcm"] = pairs[i]
+    return out
+
+
+def planned_files(studies: Sequence[PhantomStudy]) -> set[str]:
+    """All relative paths (POSIX) a phantom set of these studies consists of."""
+    if not studies:
+        return set()
+    files = set(_RSNA_TABLES) if studies[0].layout == "rsna" else {"lumbar_train_annotation.json"}
+    for st in studies:
+        files |= set(_dicom_paths(st))
+    return files
+
+
+def _is_phantom_dicom(path: Path) -> bool:
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception:  # any unreadable file: not ours
+        return False
+    return PHI_MARKER in str(ds.get("PatientID", "")) and str(ds.get("Manufacturer", "")) == MANUFACTURER
+
+
+def _check_out_dir(out: Path, layout: str, planned: set[str]) -> None:
+    """Refuse a non-empty folder unless it is a phantom set of this layout that the new set fully overwrites."""
+    if out.exists() and not out.is_dir():
+        raise BundleInputError(f"{out}: exists and is not a folder")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    hint = "choose an empty or new folder"
+    extra = sorted(p.name for p in out.iterdir() if p.name not in _TOP[layout])
+    images = out / _IMAGES[layout]
+    dicoms = sorted(images.rglob("*.dcm")) if images.is_dir() and not extra else []
+    # every existing DICOM must be one of ours (phantom marker), so no user image is ever overwritten
+    if extra or not dicoms or not all(_is_phantom_dicom(f) for f in dicoms):
+        raise BundleInputError(
+            f"{out}: folder is not empty and does not look like a {layout!r} phantom set"
+            + (f" (unexpected entries {extra[:5]})" if extra else "")
+            + f"; {hint}"
+        )
+    existing = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    stale = sorted(existing - planned)
+    if stale:
+        raise BundleInputError(
+            f"{out}: holds a previous phantom set with {len(stale)} file(s) the new set would not overwrite "
+            f"(e.g. {stale[0]}); {hint}, or remove the old set yourself"
+        )
+
+
+def _write_study(study: PhantomStudy, out: Path) -> None:
+    """Render and write all DICOM files of one study."""
+    paths = _dicom_paths(study)
+    by_slice = {v: k for k, v in paths.items()}
+    for j, ser in enumerate(study.series):
+        pixels = study.pixels(ser)
+        for k in range(ser.geometry.num_slices):
+            write_atomic(out / by_slice[(j, k)], dataset_bytes(slice_dataset(study, ser, k, pixels[k])))
+
+
+def _write_study_job(args) -> None:
+    seed, index, layout, min_size, max_size, freqs, out = args
+    _write_study(phantom_study(seed, index, layout, min_size=min_size, max_size=max_size, class_frequencies=freqs), out)
+
+
+def _csv_bytes(rows: list[list]) -> bytes:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _write_rsna_tables(studies: Sequence[PhantomStudy], out: Path) -> None:
+    header = ["study_id"] + [f"{c}_{lv}" for c in RSNA_CONDITIONS for lv in _RSNA_LEVEL_KEYS]
+    train, coords, series = [header], [["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]], [
+        ["study_id", "series_id", "series_description"]
+    ]
+    for st in studies:
+        sten = st.labels()["stenosis"]
+        train.append([st.study_id] + [sten[lv] for lv in RSNA_LEVELS] + [""] * (len(header) - 1 - len(RSNA_LEVELS)))
+        sag = st.sagittal_t2
+        for p in st.rsna_points():
+            coords.append(
+                [st.study_id, sag.series_id, p["instance_number"], "Spinal Canal Stenosis", p["level"],
+                 f"{p['x']:.2f}", f"{p['y']:.2f}"]
+            )
+        series += [[st.study_id, ser.series_id, ser.description] for ser in st.series]
+    for name, rows in zip(_RSNA_TABLES, (train, coords, series)):
+        write_atomic(out / name, _csv_bytes(rows))
+
+
+def _write_tianchi_json(studies: Sequence[PhantomStudy], out: Path) -> None:
+    items = []
+    for st in studies:
+        sag = st.sagittal_t2
+        pts = st.tianchi_points()
+        order = np.random.default_rng([st.seed, st.index, 7]).permutation(len(pts))  # real files mix the order
+        points = []
+        for i in order:
+            p = pts[i]
+            points.append(
+                {"coord": p["coord"], "tag": {"identification": p["identification"], p["structure"]: p["tag"]},
+                 "zIndex": p["zIndex"]}
+            )
+        items.append(
+            {
+                "studyUid": st.study_uid,
+                "data": [
+                    {
+                        "seriesUid": sag.series_uid,
+                        "instanceUid": sag.sop_uids[sag.middle],
+                        "annotation": [{"annotator": 0, "data": {"point": points}}],
+                    }
+                ],
+            }
+        )
+    write_atomic(out / "lumbar_train_annotation.json", json.dumps(items, indent=1).encode())
+
+
+def generate_phantoms(
+    out_dir: str | Path,
+    layout: str = "rsna",
+    studies: int = 8,
+    seed: int = 0,
+    *,
+    min_size: int = 256,
+    max_size: int = 512,
+    class_frequencies: Mapping[str, Sequence[float]] | None = None,
+    workers: int = 1,
+) -> Path:
+    """Write a deterministic phantom data set in the RSNA or Tianchi layout and return its folder.
+
+    The same arguments give byte-identical files. ``out_dir`` must be missing, empty, or a previous
+    phantom set of the same layout whose files are all rewritten; nothing is ever deleted. Every file
+    is written through a temporary name and ``os.replace``. ``workers > 1`` renders studies in that
+    many processes (same bytes). Ground truth in patient mm: :func:`bundle.phantoms.phantom_study`.
+
+    Example:
+        >>> import tempfile
+        >>> d = generate_phantoms(tempfile.mkdtemp(), "tianchi", studies=1, min_size=64, max_size=64)
+        >>> sorted(p.name for p in d.iterdir())
+        ['lumbar_train', 'lumbar_train_annotation.json']
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(studies, (int, np.integer)) or studies < 1:
+        raise ValueError(f"studies must be a positive int, got {studies!r}")
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    out = Path(out_dir)
+    plan = [
+        phantom_study(seed, i, layout, min_size=min_size, max_size=max_size, class_frequencies=class_frequencies)
+        for i in range(int(studies))
+    ]
+    _check_out_dir(out, layout, planned_files(plan))
+    out.mkdir(parents=True, exist_ok=True)
+    if workers == 1 or len(plan) == 1:
+        for st in plan:
+            _write_study(st, out)
+    else:
+        freqs = None if class_frequencies is None else {k: list(v) for k, v in class_frequencies.items()}
+        jobs = [(seed, i, layout, min_size, max_size, freqs, out) for i in range(len(plan))]
+        with ProcessPoolExecutor(max_workers=int(workers)) as pool:
+            list(pool.map(_write_study_job, jobs))
+    if layout == "rsna":
+        _write_rsna_tables(plan, out)
+    else:
+        _write_tianchi_json(plan, out)
+    return out
