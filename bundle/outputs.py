@@ -1,0 +1,240 @@
+"""Inference outputs per study: ``keypoints.json``, ``overlay.png`` and, for RSNA, ``submission.csv``.
+
+Keypoints come from the evaluator in patient mm; they are mapped back to the pixels of the middle
+instance of the original series with its own geometry. Only de-identified fields are written.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from monai.data import decollate_batch
+
+from bundle.handlers import atomic_write_text
+from bundle.rsna_metric import CONDITIONS, LEVELS
+from bundle.streams import StreamSpec, parse_streams
+
+__all__ = ["KeypointsWriter", "RsnaScoreHandler", "keypoints_to_pixels", "render_overlay", "RSNA_PRIOR", "read_rsna_prior"]
+
+logger = logging.getLogger(__name__)
+
+# Class frequencies (Normal/Mild, Moderate, Severe) used for conditions the model does not cover when no
+# train.csv is at hand: approximate frequencies of the RSNA 2024 training labels, documented in docs/README.md.
+RSNA_PRIOR: dict[str, tuple[float, float, float]] = {
+    "spinal_canal_stenosis": (0.81, 0.11, 0.08),
+    "left_neural_foraminal_narrowing": (0.71, 0.23, 0.06),
+    "right_neural_foraminal_narrowing": (0.71, 0.23, 0.06),
+    "left_subarticular_stenosis": (0.62, 0.27, 0.11),
+    "right_subarticular_stenosis": (0.62, 0.27, 0.11),
+}
+_SEVERITY_INDEX = {"Normal/Mild": 0, "Moderate": 1, "Severe": 2}
+
+
+def read_rsna_prior(train_csv: str | Path | None) -> dict[str, tuple[float, float, float]]:
+    """Per-condition class frequencies from a ``train.csv`` (empty cells ignored); built-in ones otherwise."""
+    prior = dict(RSNA_PRIOR)
+    if not train_csv or not Path(train_csv).is_file():
+        return prior
+    counts = {c: np.zeros(3) for c in CONDITIONS}
+    with open(train_csv, newline="") as f:
+        for row in csv.DictReader(f):
+            for condition in CONDITIONS:
+                for level in LEVELS:
+                    value = (row.get(f"{condition}_{level}") or "").strip()
+                    if value in _SEVERITY_INDEX:
+                        counts[condition][_SEVERITY_INDEX[value]] += 1
+    for condition, count in counts.items():
+        if count.sum() > 0:
+            freq = (count + 1.0) / (count.sum() + 3.0)  # add-one smoothing: no class gets probability 0
+            prior[condition] = tuple(float(v) for v in freq)
+    return prior
+
+
+def keypoints_to_pixels(mm: Sequence[float], affine: np.ndarray) -> tuple[float, float]:
+    """Patient mm (3,) to ``(x, y)`` = (column, row) pixels of the slice whose 4x4 voxel-to-mm affine is given."""
+    index = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.array([*mm, 1.0])
+    return float(index[1]), float(index[0])
+
+
+def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], path: str | Path) -> None:
+    """Draw keypoints (``x``, ``y``, ``level``, ``label``) with level and class on a 2D slice; write a PNG atomically."""
+    from PIL import Image, ImageDraw
+
+    arr = np.asarray(slice_2d, dtype=np.float32)
+    lo, hi = np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
+    scaled = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255
+    image = Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
+    draw = ImageDraw.Draw(image)
+    palette = [(60, 220, 60), (255, 200, 0), (255, 60, 60), (80, 160, 255)]
+    radius = max(3, round(min(arr.shape) / 128))
+    for point in points:
+        x, y = point["x"], point["y"]
+        colour = palette[int(point.get("label_index", 0)) % len(palette)]
+        draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=2)
+        draw.text((x + radius + 3, y - radius - 3), f"{point['level']} {point['label']}", fill=colour)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        f.write(buffer.getvalue())
+    os.replace(tmp, path)
+
+
+class KeypointsWriter:
+    """Write each study's outputs after every evaluator iteration, and ``submission.csv`` at the end (RSNA).
+
+    Args:
+        output_dir: root of the outputs; nothing is written outside it.
+        streams: the model's streams (names, levels, classes).
+        dataset_format: ``"rsna"`` adds ``submission.csv`` (25 rows per study, competition format).
+        submission_streams: ``{stream: rsna condition}`` that the model predicts; other conditions get ``prior``.
+        prior: per-condition class frequencies (see ``read_rsna_prior``).
+        overlay: write ``overlay.png`` per study.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        streams: Mapping[str, Mapping] | Sequence[StreamSpec],
+        dataset_format: str = "rsna",
+        submission_streams: Mapping[str, str] | None = None,
+        prior: Mapping[str, Sequence[float]] | None = None,
+        overlay: bool = True,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.specs = parse_streams(streams)
+        self.dataset_format = dataset_format
+        self.submission_streams = dict(submission_streams or ({"disc": "spinal_canal_stenosis"} if dataset_format == "rsna" else {}))
+        self.prior = {k: tuple(v) for k, v in (prior or RSNA_PRIOR).items()}
+        self.overlay = overlay
+        self.rows: list[tuple[str, tuple[float, float, float]]] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.write_iteration)
+        if self.dataset_format == "rsna":
+            engine.add_event_handler(Events.COMPLETED, self.write_submission)
+
+    def _reset(self, engine: Engine) -> None:
+        self.rows = []
+
+    def write_iteration(self, engine: Engine) -> None:
+        output = engine.state.output
+        items = decollate_batch(output["batch"], detach=True)
+        for item, predicted in zip(items, output["keypoints"]):
+            self.write_study(item, predicted)
+
+    def write_study(self, item: Mapping[str, Any], predicted: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
+        """Write ``keypoints.json`` (and ``overlay.png``) of one study; return the JSON content."""
+        meta = item["image"].meta
+        study_id = str(item.get("study_id", meta.get("study_id", "study")))
+        series_id = str(item.get("series_id", meta.get("series_id", meta.get("series_instance_uid", ""))))
+        original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
+        instance_number = int(meta["middle_instance_number"])
+        points = []
+        for spec in self.specs:
+            for point in predicted.get(spec.name, []):
+                x, y = keypoints_to_pixels(point["mm"], original_affine)
+                points.append(
+                    {
+                        "stream": spec.name,
+                        "level": point["level"],
+                        "x": round(x, 2),
+                        "y": round(y, 2),
+                        "instance_number": instance_number,
+                        "position_mm": [round(float(v), 3) for v in point["mm"]],
+                        "label": spec.classes[point["label"]],
+                        "label_index": int(point["label"]),
+                        "probabilities": {c: round(float(p), 5) for c, p in zip(spec.classes, point["probabilities"])},
+                        "score": round(float(point["score"]), 5),
+                    }
+                )
+        content = {
+            "study_id": study_id,
+            "series_id": series_id,
+            "instance_number": instance_number,
+            "keypoints": points,
+        }
+        study_dir = self.output_dir / study_id
+        study_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(study_dir / "keypoints.json", json.dumps(content, indent=2))
+        if self.overlay:
+            render_overlay(self._middle_slice(meta), points, study_dir / "overlay.png")
+        if self.dataset_format == "rsna":
+            self._add_submission_rows(study_id, points)
+        return content
+
+    @staticmethod
+    def _middle_slice(meta: Mapping[str, Any]) -> np.ndarray:
+        from bundle.io import read_dicom_pixels
+
+        return read_dicom_pixels(meta["middle_filename"])
+
+    def _add_submission_rows(self, study_id: str, points: Sequence[Mapping[str, Any]]) -> None:
+        predicted: dict[tuple[str, str], tuple[float, float, float]] = {}
+        for point in points:
+            condition = self.submission_streams.get(point["stream"])
+            if condition is None or len(point["probabilities"]) != 3:
+                continue
+            level = point["level"].lower().replace("/", "_").replace("-", "_")
+            predicted[(condition, level)] = tuple(point["probabilities"].values())
+        for condition in CONDITIONS:
+            for level in LEVELS:
+                probs = predicted.get((condition, level), self.prior[condition])
+                self.rows.append((f"{study_id}_{condition}_{level}", tuple(float(p) for p in probs)))
+
+    def write_submission(self, engine: Engine) -> None:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["row_id", "normal_mild", "moderate", "severe"])
+        for row_id, probs in self.rows:
+            writer.writerow([row_id, *(f"{p:.6f}" for p in probs)])
+        atomic_write_text(self.output_dir / "submission.csv", buffer.getvalue())
+        logger.info(f"submission with {len(self.rows)} rows written to {self.output_dir / 'submission.csv'}")
+
+
+class RsnaScoreHandler:
+    """After an evaluation, score the writer's predictions with the RSNA 2024 competition metric.
+
+    Only the conditions the model covers (``writer.submission_streams``) are scored, against the rows of
+    ``solution_csv`` (a train.csv) of the evaluated studies. The result lands in
+    ``engine.state.extra_metrics["rsna"]`` for ``MetricsWriter``.
+    """
+
+    def __init__(self, solution_csv: str | Path, writer: KeypointsWriter) -> None:
+        self.solution_csv = Path(solution_csv)
+        self.writer = writer
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from bundle.rsna_metric import read_rsna_solution, rsna_score
+
+        covered = tuple(self.writer.submission_streams.values())
+        rows = [
+            {"row_id": row_id, "normal_mild": p[0], "moderate": p[1], "severe": p[2]}
+            for row_id, p in self.writer.rows
+            if any(f"_{condition}_" in row_id for condition in covered)
+        ]
+        if not rows or not self.solution_csv.is_file():
+            logger.warning(f"RSNA score skipped: {'no predictions' if not rows else f'{self.solution_csv} missing'}")
+            return
+        solution = read_rsna_solution(self.solution_csv)
+        score = rsna_score(solution, rows, solution_name=str(self.solution_csv), submission_name="predictions")
+        extra = getattr(engine.state, "extra_metrics", {})
+        extra["rsna"] = score
+        engine.state.extra_metrics = extra
+        logger.info(f"RSNA competition metric on {', '.join(covered)}: {score}")

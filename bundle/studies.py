@@ -1,0 +1,97 @@
+"""Find the studies of an inference folder and pick each one's sagittal T2 series (no labels needed).
+
+Accepted layouts: RSNA (``test_images/`` or ``train_images/`` with ``{study}/{series}/*.dcm`` and the
+series-descriptions CSV beside it), Tianchi (study folders mixing several series) and a single series
+or study folder holding DICOM files directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bundle.errors import BundleInputError
+from bundle.io import read_header, select_sagittal_t2
+
+__all__ = ["find_studies"]
+
+logger = logging.getLogger(__name__)
+
+RSNA_IMAGE_DIRS = ("test_images", "train_images")
+
+
+def _has_dicom(folder: Path) -> bool:
+    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+
+
+def _dicom_dirs(root: Path) -> list[Path]:
+    return sorted(Path(d) for d, _, files in os.walk(root) if any(not f.startswith(".") for f in files))
+
+
+def _study_uid(folder: Path) -> str | None:
+    for path in sorted(folder.iterdir()):
+        if path.is_file():
+            try:
+                return str(read_header(path, ["StudyInstanceUID"]).get("StudyInstanceUID", "")) or None
+            except BundleInputError:
+                continue
+    return None
+
+
+def _item(study_id: str, files: list[Path], series_id: str | None) -> dict[str, Any]:
+    if series_id is None:
+        parent = files[0].parent
+        same_folder = all(f.parent == parent for f in files)
+        series_id = parent.name if same_folder and len(list(parent.iterdir())) == len(files) else None
+    if series_id is None:
+        series_id = str(read_header(files[0], ["SeriesInstanceUID"]).get("SeriesInstanceUID", ""))
+    return {"image": [str(f) for f in files], "study_id": str(study_id), "series_id": str(series_id)}
+
+
+def _rsna_studies(root: Path, image_dir: Path) -> list[dict[str, Any]]:
+    prefix = image_dir.name.split("_")[0]
+    csv_path = root / f"{prefix}_series_descriptions.csv"
+    descriptions = csv_path if csv_path.is_file() else None
+    items = []
+    for study in sorted(p for p in image_dir.iterdir() if p.is_dir()):
+        files = select_sagittal_t2(study, descriptions)
+        series_id = files[0].parent.name if files[0].parent.parent == study else None
+        items.append(_item(study.name, files, series_id))
+    return items
+
+
+def find_studies(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Inference items ``{"image": [files of the sagittal T2 series], "study_id", "series_id"}``, one per study.
+
+    Raises:
+        BundleInputError: the folder is missing, holds no DICOM file, or a study has no sagittal series.
+    """
+    root = Path(dataset_dir)
+    if not root.is_dir():
+        raise BundleInputError(f"dataset_dir {root} is not an existing folder")
+    for name in RSNA_IMAGE_DIRS:
+        if (root / name).is_dir():
+            return _rsna_studies(root, root / name)
+    if _has_dicom(root):
+        return [_item(root.name, select_sagittal_t2(root), None)]
+    folders = _dicom_dirs(root)
+    if not folders:
+        raise BundleInputError(f"dataset_dir {root} holds no DICOM files")
+    by_parent: dict[Path, list[Path]] = defaultdict(list)
+    for folder in folders:
+        by_parent[folder.parent].append(folder)
+    studies: list[tuple[str, Path]] = []
+    for parent, children in sorted(by_parent.items()):
+        uids = {_study_uid(child) for child in children}
+        if parent != root and len(children) > 1 and len(uids) == 1 and None not in uids:
+            studies.append((parent.name, parent))  # series sub-folders of one study
+        else:
+            studies.extend((child.name, child) for child in children)
+    items = []
+    for study_id, folder in studies:
+        items.append(_item(study_id, select_sagittal_t2(folder), None))
+    logger.info(f"found {len(items)} studies in {root}")
+    return items

@@ -1,0 +1,179 @@
+"""Workflow glue and configs: streams per format, data-set preparation, datalists, study discovery,
+config conventions, and a tiny `monai.bundle run` training that resumes after an interruption."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bundle.errors import BundleInputError
+from bundle.phantoms import generate_phantoms
+from bundle.studies import find_studies
+from bundle.workflow import default_streams, load_datalist, prepare_dataset, stream_classes
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+
+def test_default_streams_per_format():
+    rsna = default_streams("rsna")
+    assert list(rsna) == ["disc"] and rsna["disc"]["classes"] == ["Normal/Mild", "Moderate", "Severe"]
+    tianchi = default_streams("tianchi")
+    assert list(tianchi) == ["disc", "vertebra"] and len(tianchi["disc"]["levels"]) == 6
+    assert stream_classes(tianchi) == {"disc": 2, "vertebra": 2}
+    with pytest.raises(ValueError, match="dataset_format"):
+        default_streams("kaggle")
+
+
+def test_prepare_dataset_never_invents_real_data(tmp_path):
+    with pytest.raises(BundleInputError, match="does not exist"):
+        prepare_dataset(tmp_path / "typo", "rsna", phantom_dir=tmp_path / "phantoms")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(BundleInputError, match="not a folder"):
+        prepare_dataset(tmp_path / "file", "rsna")
+
+
+@pytest.fixture(scope="module")
+def rsna_phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rsna")
+    return Path(prepare_dataset(root / "ph", "rsna", phantom_dir=root / "ph", phantom_studies=5, phantom_max_size=256))
+
+
+@pytest.fixture(scope="module")
+def tianchi_phantoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tianchi") / "ph"
+    return generate_phantoms(root, layout="tianchi", studies=2, seed=3, max_size=256)
+
+
+def test_phantom_dataset_generated_on_first_use_and_split(rsna_phantoms):
+    assert (rsna_phantoms / "train.csv").is_file()
+    training = load_datalist(rsna_phantoms, "rsna", "training", folds=5, fold=0)
+    validation = load_datalist(rsna_phantoms, "rsna", "validation", folds=5, fold=0)
+    everything = load_datalist(rsna_phantoms, "rsna", "all")
+    assert len(training) + len(validation) == len(everything) == 5
+    assert not {i["study_id"] for i in training} & {i["study_id"] for i in validation}
+
+
+def test_explicit_datalist_file(tmp_path, rsna_phantoms):
+    items = load_datalist(rsna_phantoms, "rsna", "all")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": items[:3], "validation": items[3:]}))
+    assert load_datalist("unused", "rsna", "validation", datalist=path) == items[3:]
+    assert len(load_datalist("unused", "rsna", "all", datalist=path)) == 5
+    with pytest.raises(BundleInputError, match="datalist"):
+        load_datalist("unused", "rsna", "training", datalist=tmp_path / "missing.json")
+
+
+def test_find_studies_rsna_layout_picks_sagittal_t2(rsna_phantoms):
+    items = find_studies(rsna_phantoms)
+    descriptions = {}
+    with open(rsna_phantoms / "train_series_descriptions.csv") as f:
+        next(f)
+        for line in f:
+            study, series, desc = line.strip().split(",", 2)
+            descriptions[(study, series)] = desc
+    assert len(items) == 5
+    for item in items:
+        assert descriptions[(item["study_id"], item["series_id"])] == "Sagittal T2/STIR"
+        assert all(Path(f).parent.name == item["series_id"] for f in item["image"])
+
+
+def test_find_studies_tianchi_and_single_folder(tianchi_phantoms):
+    annotation = json.loads((tianchi_phantoms / "lumbar_train_annotation.json").read_text())
+    series_uids = {s["data"][0]["seriesUid"] for s in annotation}
+    items = find_studies(tianchi_phantoms)
+    assert sorted(i["study_id"] for i in items) == ["study0", "study1"]
+    assert {i["series_id"] for i in items} == series_uids
+    single = find_studies(tianchi_phantoms / "lumbar_train" / "study1")
+    assert len(single) == 1 and single[0]["series_id"] in series_uids
+
+
+def test_find_studies_errors(tmp_path):
+    with pytest.raises(BundleInputError, match="not an existing folder"):
+        find_studies(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(BundleInputError, match="no DICOM"):
+        find_studies(tmp_path / "empty")
+
+
+def _json_keys(name: str) -> set[str]:
+    return set(json.loads((CONFIGS / name).read_text()))
+
+
+def test_configs_are_indented_json_with_standard_properties():
+    for path in CONFIGS.glob("*.json"):
+        text = path.read_text()
+        assert text == json.dumps(json.loads(text), indent=4) + "\n", f"{path.name} is not indented by 4"
+    train = _json_keys("train.json")
+    assert {"bundle_root", "device", "dataset_dir", "output_dir", "network_def", "training", "run"} <= train
+    assert {"bundle_root", "device", "dataset_dir", "dataset", "evaluator", "network_def", "inferer"} <= _json_keys(
+        "inference.json"
+    )
+
+
+def test_demo_overrides_only_top_level_keys_of_every_workflow():
+    demo = _json_keys("demo.json")
+    train = _json_keys("train.json")
+    assert demo <= train
+    assert not any("#" in key for key in demo)
+    shared = demo & _json_keys("inference.json")
+    assert {"ckpt_dir", "backbone_depth", "pixdim", "input_size", "radius", "batch_size"} <= shared
+    from monai.bundle import ConfigParser
+
+    for files in (["train.json", "demo.json"], ["train.json", "evaluate.json", "demo.json"], ["inference.json", "demo.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        assert parser.get_parsed_content("backbone_depth") == 18
+        assert parser["ckpt_dir"].endswith("/models/demo'")
+
+
+def test_metadata_verifies_against_offline_schema(tmp_path):
+    schema = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.fail(f"the model-zoo schema copy is missing at {schema}")
+    local = tmp_path / "schema.json"
+    local.write_bytes(schema.read_bytes())
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
+         "--filepath", str(local)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "metadata is verified with no error" in result.stdout + result.stderr
+
+
+TINY = ["--backbone_depth", "18", "--pixdim", "4.375", "--input_size", "64", "--batch_size", "2", "--num_workers", "0",
+        "--phantom_studies", "5", "--phantom_max_size", "256", "--radius", "2.0"]
+
+
+def _bundle_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(tmp_path), *TINY],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
+    )
+
+
+def test_tiny_training_resumes_from_last_full_state(tmp_path):
+    train = ["training", "--meta_file", "configs/metadata.json", "--config_file", "configs/train.json",
+             "--logging_file", "configs/logging.conf"]
+    first = _bundle_run(tmp_path, *train, "--max_epochs", "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    state = tmp_path / "models" / "checkpoint.pt"
+    assert state.is_file() and (tmp_path / "models" / "model.pt").is_file()
+    import torch
+
+    saved = torch.load(state, weights_only=True)
+    assert saved["trainer"]["epoch"] == 1 and {"model", "optimizer", "lr_scheduler"} <= set(saved)
+    # "interrupted" after epoch 1 of 2: the same command continues with epoch 2 only
+    second = _bundle_run(tmp_path, *train, "--max_epochs", "2")
+    log = second.stdout + second.stderr
+    assert second.returncode == 0, log[-3000:]
+    assert "resumed from" in log and "at epoch 1" in log
+    assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
+    assert torch.load(state, weights_only=True)["trainer"]["epoch"] == 2
