@@ -100,7 +100,8 @@ class TrainingStateCheckpoint:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
 
     def save(self, engine: Engine) -> None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed and torch.distributed.get_rank() != 0:
             return  # multi-GPU: every rank holds the same state; rank 0 alone writes it
         state = {}
         for name, obj in self.save_dict.items():
