@@ -16,7 +16,7 @@ OPT_IN = {"monailabel": "SPINEONE_MONAILABEL"}
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "monailabel: starts a MONAI Label 0.8.5 server (opt-in: SPINEONE_MONAILABEL=1, see docs/MONAILABEL.md)"
+        "monailabel: starts a MONAI Label 0.8.5 server (opt-in: SPINEONE_MONAILABEL=1, see docs/README.md, MONAI Label)"
     )
 
 
