@@ -37,14 +37,16 @@ def _plain(image: torch.Tensor) -> torch.Tensor:
 class SpineOneTrainStep:
     """One training iteration: forward, SpineOne loss (all parts), backward, optimizer step.
 
-    Returns ``{"image", "pred", "loss", "losses"}`` where ``losses`` maps every loss part (and ``total``)
-    to a float, for StatsHandler / TensorBoardStatsHandler (``output_transform=lambda x: x["losses"]``).
+    Returns the batch decollated as MONAI's trainers do, a list with one ``{"image", "pred", "loss", "losses"}``
+    per sample, where ``loss`` (the batch total) and ``losses`` (every loss part and ``total``, floats) repeat:
+    ``from_engine(["loss"], first=True)`` and ``from_engine(["losses"], first=True)`` read them, as MONAI's
+    default handlers (StatsHandler, MLflow tracking) expect.
     """
 
     def __init__(self, streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> None:
         self.keys = target_keys(streams)
 
-    def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, engine: Engine, batch: dict[str, Any]) -> list[dict[str, Any]]:
         image = _to_device(engine, batch["image"])
         targets = {key: _to_device(engine, batch[key]) for key in self.keys}
         engine.network.train()
@@ -63,7 +65,9 @@ class SpineOneTrainStep:
             engine.optimizer.step()
         losses = {name: float(value.detach()) for name, value in parts.items()}
         losses["total"] = float(total.detach())
-        return {"image": image, "pred": pred.detach(), "loss": total.detach(), "losses": losses}
+        loss = total.detach()
+        pred = pred.detach()
+        return [{"image": image[i], "pred": pred[i], "loss": loss, "losses": losses} for i in range(image.shape[0])]
 
 
 class SpineOneEvalStep:
