@@ -39,7 +39,8 @@ def load_sagittal_series(
     Returns:
         float32 MetaTensor (num_slices, rows, cols), bright = high signal, with the 4x4 LPS ``affine``
         mapping (row i, col j, k) to patient mm (k = 0 is the middle slice's plane) and meta keys
-        ``filename_or_obj, series_instance_uid, instance_numbers, middle_instance_number, pixel_spacing,
+        ``filename_or_obj, series_instance_uid, instance_numbers, middle_instance_number, middle_filename,
+        pixel_spacing,
         slice_spacing, spatial_shape, original_affine, original_channel_dim, space`` (no patient identity).
 
     Raises:
@@ -70,6 +71,7 @@ def load_sagittal_series(
         "series_instance_uid": middle.series_uid,
         "instance_numbers": [series.slices[i].instance_number for i in picked],
         "middle_instance_number": middle.instance_number,
+        "middle_filename": os.fspath(middle.path),
         "series_num_slices": len(series.slices),
         "pixel_spacing": np.array(middle.pixel_spacing, dtype=np.float64),
         "slice_spacing": float(series.slice_spacing),
