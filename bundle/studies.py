@@ -23,12 +23,25 @@ logger = logging.getLogger(__name__)
 RSNA_IMAGE_DIRS = ("test_images", "train_images")
 
 
+def _is_dicom(path: Path) -> bool:
+    """A ``.dcm`` file, or any file with the DICOM preamble (``DICM`` at byte 128)."""
+    if path.name.startswith(".") or not path.is_file():
+        return False
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False
+
+
 def _has_dicom(folder: Path) -> bool:
-    return any(p.is_file() and not p.name.startswith(".") for p in folder.iterdir())
+    return any(_is_dicom(p) for p in folder.iterdir())
 
 
 def _dicom_dirs(root: Path) -> list[Path]:
-    return sorted(Path(d) for d, _, files in os.walk(root) if any(not f.startswith(".") for f in files))
+    return sorted(Path(d) for d, _, files in os.walk(root) if any(_is_dicom(Path(d) / f) for f in files))
 
 
 def _study_uid(folder: Path) -> str | None:
