@@ -148,7 +148,7 @@ def test_metadata_verifies_against_offline_schema(tmp_path):
 
 
 TINY = ["--backbone_depth", "18", "--pixdim", "4.375", "--input_size", "64", "--batch_size", "2", "--num_workers", "0",
-        "--phantom_studies", "5", "--phantom_max_size", "256", "--radius", "2.0"]
+        "--phantom_studies", "5", "--phantom_max_size", "256", "--radius", "2.0", "--learning_rate", "0.0005"]
 
 
 def _bundle_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
@@ -179,3 +179,23 @@ def test_tiny_training_resumes_from_last_full_state(tmp_path):
     assert "Epoch: 1/2" not in log and "Epoch: 2/2" in log
     trainer = torch.load(state, weights_only=True)["trainer"]
     assert trainer["iteration"] == 2 * trainer["epoch_length"]
+
+
+def test_tiny_tianchi_train_evaluate_infer(tmp_path):
+    """The Tianchi reader, two streams (disc, vertebra) and every workflow, on 5 phantom studies."""
+    fmt = ["--dataset_format", "tianchi"]
+    train = _bundle_run(tmp_path, "training", "--config_file", "configs/train.json", "--max_epochs", "1", *fmt)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    evaluate = _bundle_run(tmp_path, "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+                           "--output_dir", str(tmp_path / "ev"), *fmt)
+    assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert set(metrics["streams"]) == {"disc", "vertebra"}
+    assert metrics["streams"]["vertebra"]["class_names"] == ["Normal", "Degenerative"]
+    assert "rsna" not in metrics and not (tmp_path / "ev" / "predictions" / "submission.csv").exists()
+    infer = _bundle_run(tmp_path, "run", "--config_file", "configs/inference.json", "--output_dir",
+                        str(tmp_path / "inf"), "--dataset_dir", str(tmp_path / "data" / "phantoms_tianchi"), *fmt)
+    assert infer.returncode == 0, infer.stdout[-3000:] + infer.stderr[-3000:]
+    content = json.loads((tmp_path / "inf" / "study0" / "keypoints.json").read_text())
+    levels = {(k["stream"], k["level"]) for k in content["keypoints"]}
+    assert {("disc", "T12-L1"), ("vertebra", "L5")} <= levels and len(levels) == 11
