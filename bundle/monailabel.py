@@ -19,7 +19,7 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
 from bundle.decoding import decode_keypoints
-from bundle.outputs import keypoints_to_pixels
+from bundle.outputs import keypoint_record
 from bundle.streams import StreamSpec, parse_streams, split_output
 
 __all__ = ["KeypointsToLabeld", "label_values"]
@@ -135,23 +135,10 @@ class KeypointsToLabeld(MapTransform):
         points = []
         for spec in self.specs:
             for point in decoded.get(spec.name, []):
-                x, y = keypoints_to_pixels(point["mm"], affine)
-                points.append(
-                    {
-                        "stream": spec.name,
-                        "level": point["level"],
-                        "value": self.values[f"{spec.name}/{point['level']}"],
-                        "label": spec.classes[point["label"]],
-                        "label_index": int(point["label"]),
-                        "probabilities": {c: float(p) for c, p in zip(spec.classes, point["probabilities"])},
-                        "score": float(point["score"]),
-                        "position_mm": [float(v) for v in point["mm"]],
-                        "x": x,
-                        "y": y,
-                        "voxel": [y, x, 0.0],
-                        "instance_number": instance,
-                    }
-                )
+                record = keypoint_record(spec, point, affine, instance)
+                record["value"] = self.values[f"{spec.name}/{point['level']}"]
+                record["voxel"] = [record["y"], record["x"], 0.0]
+                points.append(record)
         return points
 
     def _draw(self, points: Sequence[Mapping], rows: int, cols: int, affine: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ from bundle.handlers import atomic_write_text
 from bundle.rsna_metric import CONDITIONS, LEVELS
 from bundle.streams import StreamSpec, parse_streams
 
-__all__ = ["KeypointsWriter", "RsnaScoreHandler", "keypoints_to_pixels", "render_overlay", "RSNA_PRIOR", "read_rsna_prior"]
+__all__ = ["KeypointsWriter", "RsnaScoreHandler", "keypoint_record", "keypoints_to_pixels", "render_overlay", "RSNA_PRIOR", "read_rsna_prior"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,35 @@ def keypoints_to_pixels(mm: Sequence[float], affine: np.ndarray) -> tuple[float,
     """Patient mm (3,) to ``(x, y)`` = (column, row) pixels of the slice whose 4x4 voxel-to-mm affine is given."""
     index = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.array([*mm, 1.0])
     return float(index[1]), float(index[0])
+
+
+def keypoint_record(
+    spec: StreamSpec,
+    point: Mapping[str, Any],
+    affine: np.ndarray,
+    instance_number: int,
+    ndigits: int | None = None,
+) -> dict[str, Any]:
+    """One decoded keypoint as written out: ``stream, level, x, y`` (pixels of the slice whose 4x4
+    voxel-to-mm ``affine`` is given), ``instance_number``, ``position_mm``, ``label`` (class name),
+    ``label_index``, ``probabilities`` ({class: p}) and ``score``; floats rounded to ``ndigits`` when given."""
+
+    def num(value: float) -> float:
+        return round(float(value), ndigits) if ndigits is not None else float(value)
+
+    x, y = keypoints_to_pixels(point["mm"], affine)
+    return {
+        "stream": spec.name,
+        "level": point["level"],
+        "x": num(x),
+        "y": num(y),
+        "instance_number": int(instance_number),
+        "position_mm": [num(v) for v in point["mm"]],
+        "label": spec.classes[point["label"]],
+        "label_index": int(point["label"]),
+        "probabilities": {c: num(p) for c, p in zip(spec.classes, point["probabilities"])},
+        "score": num(point["score"]),
+    }
 
 
 def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -143,24 +172,11 @@ class KeypointsWriter:
         series_id = str(item.get("series_id", meta.get("series_id", meta.get("series_instance_uid", ""))))
         original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
         instance_number = int(meta["middle_instance_number"])
-        points = []
-        for spec in self.specs:
-            for point in predicted.get(spec.name, []):
-                x, y = keypoints_to_pixels(point["mm"], original_affine)
-                points.append(
-                    {
-                        "stream": spec.name,
-                        "level": point["level"],
-                        "x": round(x, 2),
-                        "y": round(y, 2),
-                        "instance_number": instance_number,
-                        "position_mm": [round(float(v), 3) for v in point["mm"]],
-                        "label": spec.classes[point["label"]],
-                        "label_index": int(point["label"]),
-                        "probabilities": {c: round(float(p), 5) for c, p in zip(spec.classes, point["probabilities"])},
-                        "score": round(float(point["score"]), 5),
-                    }
-                )
+        points = [
+            keypoint_record(spec, point, original_affine, instance_number, ndigits=5)
+            for spec in self.specs
+            for point in predicted.get(spec.name, [])
+        ]
         content = {
             "study_id": study_id,
             "series_id": series_id,

@@ -98,23 +98,27 @@ def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
     return header.position + x * header.pixel_spacing[1] * iop[:3] + y * header.pixel_spacing[0] * iop[3:]
 
 
-def list_dicom_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Files of a series given as a directory (its regular files, ``*.dcm`` if any) or a list of paths."""
+def list_dicom_files(
+    source: str | os.PathLike | Sequence[str | os.PathLike], *, recursive: bool = False, what: str = "series"
+) -> list[Path]:
+    """Files of a ``what`` ("series" or "study") given as a directory (its regular files, searched
+    recursively when asked; ``*.dcm`` if any) or a list of paths."""
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         if not folder.exists():
-            raise BundleInputError(f"{folder}: series folder or file not found")
+            raise BundleInputError(f"{folder}: {what} folder or file not found")
         if folder.is_file():
             return [folder]
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        found = folder.rglob("*") if recursive else folder.iterdir()
+        files = sorted(p for p in found if p.is_file() and not p.name.startswith("."))
         dcm = [p for p in files if p.suffix.lower() == ".dcm"]
         files = dcm or files
         if not files:
-            raise BundleInputError(f"{folder}: the series folder holds no files")
+            raise BundleInputError(f"{folder}: the {what} folder holds no files")
         return files
     files = [Path(p) for p in source]
     if not files:
-        raise BundleInputError("empty list of DICOM files: a series needs at least one file")
+        raise BundleInputError(f"empty list of DICOM files: a {what} needs at least one file")
     return files
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import SliceHeader, SortedSeries, plane_name, slice_header, sort_series
+from bundle.io.dicom_series import SliceHeader, SortedSeries, list_dicom_files, plane_name, slice_header, sort_series
 from bundle.io.pixels import read_dicom_pixels, read_header
 
 __all__ = [
@@ -89,21 +89,10 @@ class SeriesInfo:
 
 
 def find_dicom_files(files_or_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """All files under a folder (recursive; ``*.dcm`` if any) or the given list."""
-    if isinstance(files_or_dir, (str, os.PathLike)):
-        root = Path(files_or_dir)
-        if not root.is_dir():
-            raise BundleInputError(f"{root}: study folder not found")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-        dcm = [p for p in files if p.suffix.lower() == ".dcm"]
-        files = dcm or files
-        if not files:
-            raise BundleInputError(f"{root}: the study folder holds no files")
-        return files
-    files = [Path(p) for p in files_or_dir]
-    if not files:
-        raise BundleInputError("empty list of DICOM files")
-    return files
+    """All files under a study folder (recursive; ``*.dcm`` if any) or the given list."""
+    if isinstance(files_or_dir, (str, os.PathLike)) and not Path(files_or_dir).is_dir():
+        raise BundleInputError(f"{files_or_dir}: study folder not found")
+    return list_dicom_files(files_or_dir, recursive=True, what="study")
 
 
 def read_series_descriptions(csv_path: str | os.PathLike) -> dict[str, str]:
