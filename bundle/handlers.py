@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 
+from bundle.atomic import atomic_write, atomic_write_text
 from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
 from bundle.streams import StreamSpec, parse_streams
 
@@ -29,21 +28,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class ObjectiveAssociationHandler:
@@ -107,16 +91,7 @@ class TrainingStateCheckpoint:
         for name, obj in self.save_dict.items():
             module = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
             state[name] = module.state_dict()
-        self.save_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.save_path.parent, prefix=f".{self.save_path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(state, tmp)
-            os.replace(tmp, self.save_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.save_path, lambda f: torch.save(state, f))
 
     def load(self, engine: Engine) -> None:
         if not self.resume or not self.save_path.exists():

@@ -21,11 +21,11 @@ Written with numpy: the MONAI / ignite metrics score images or labels, not level
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from bundle.atomic import atomic_write
 from bundle.streams import StreamSpec, parse_streams
 
 __all__ = ["DEFAULT_PCK_THRESHOLDS_MM", "KeypointMetric", "keypoint_scores", "plot_confusion_matrix", "plot_pck_curve"]
@@ -229,18 +229,7 @@ def _figure(size: tuple[float, float]):
 
 
 def _save_atomic(fig, path: str | os.PathLike) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100, bbox_inches="tight"))
 
 
 def plot_pck_curve(metrics: Mapping[str, Mapping], path: str | os.PathLike) -> None:

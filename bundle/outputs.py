@@ -10,18 +10,15 @@ import csv
 import io
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
 
-from bundle.handlers import atomic_write_text
+from bundle.atomic import atomic_write_bytes, atomic_write_text
 from bundle.rsna_metric import CONDITIONS, LEVELS
 from bundle.streams import StreamSpec, parse_streams
 
@@ -114,11 +111,7 @@ def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], pa
         draw.text((x + radius + 3, y - radius - 3), f"{point['level']} {point['label']}", fill=colour)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(buffer.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 class KeypointsWriter:

@@ -6,10 +6,10 @@ import json
 import logging
 import os
 import random
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from bundle.atomic import atomic_write_text
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import list_dicom_files, read_slice_headers, sort_series
 from bundle.streams import StreamSpec, parse_streams
@@ -140,17 +140,7 @@ def write_datalist(
         "format": format,
         "streams": streams_to_json(streams),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(content, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_text(path, json.dumps(content, indent=1) + "\n")
     return path
 
 
