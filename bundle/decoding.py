@@ -6,8 +6,9 @@ the training targets, so encode -> decode is a round trip.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -46,23 +47,43 @@ def hough_voting(probs: torch.Tensor, offsets: torch.Tensor, radius: float) -> t
     # Bilinear splatting is the adjoint (transpose) of bilinear sampling, so the votes are the gradient of
     # F.grid_sample with respect to its input: one fused pass instead of ~30 elementwise ops over B*C*H*W
     # for a hand-written index_add_ scatter. Out-of-grid corners are dropped per corner by padding "zeros".
+    # The backward kernel is called directly: no forward pass, no autograd graph (so it also runs under
+    # torch.inference_mode()), the same arithmetic as autograd.grad of grid_sample.
     dtype = probs.dtype if probs.is_floating_point() else torch.float32
     probs, offsets = probs.as_subclass(torch.Tensor), offsets.as_subclass(torch.Tensor)  # drop MetaTensor meta
     p = probs.to(dtype).reshape(b * c, 1, h, w)
     off = offsets.to(dtype).reshape(b * c, 2, h, w)
-    cols = torch.arange(w, device=p.device, dtype=dtype)
-    rows = torch.arange(h, device=p.device, dtype=dtype).view(h, 1)
-    # landing points in grid_sample's normalised coordinates (align_corners=False: pixel u -> (2u + 1) / n - 1)
-    gx = (off[:, 0] + cols) * (2.0 / w) + (1.0 / w - 1.0)
-    gy = (off[:, 1] + rows) * (2.0 / h) + (1.0 / h - 1.0)
-    grid = torch.stack([gx, gy], dim=-1)
+    cols = torch.arange(w, device=p.device, dtype=dtype).view(1, w).expand(h, w)
+    rows = torch.arange(h, device=p.device, dtype=dtype).view(h, 1).expand(h, w)
+    # landing points in grid_sample's normalised coordinates (align_corners=False: pixel u -> (2u + 1) / n - 1),
+    # computed in the (B*C, 2, H, W) layout and viewed as the (B*C, H, W, 2) grid (no interleaving copy)
+    scale = torch.tensor([2.0 / w, 2.0 / h], device=p.device, dtype=dtype).view(1, 2, 1, 1)
+    shift = torch.tensor([1.0 / w - 1.0, 1.0 / h - 1.0], device=p.device, dtype=dtype).view(1, 2, 1, 1)
+    grid = (off + torch.stack([cols, rows])).mul_(scale).add_(shift)
     # non-finite or huge offsets: move the vote well outside (all corners dropped) before the kernel's int cast
-    grid = torch.nan_to_num(grid, nan=-3.0).clamp_(-3.0, 3.0)
-    with torch.enable_grad():
-        canvas = torch.zeros(b * c, 1, h, w, device=p.device, dtype=dtype, requires_grad=True)
-        sampled = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-        (votes,) = torch.autograd.grad(sampled, canvas, grad_outputs=p.detach())
-    return votes.view(b, c, h, w) / (math.pi * radius * radius)
+    grid = grid.nan_to_num_(nan=-3.0).clamp_(-3.0, 3.0).permute(0, 2, 3, 1)
+    votes, _ = torch.ops.aten.grid_sampler_2d_backward(
+        p, p, grid, 0, 0, False, [True, False]  # grad_output, input (shape only), grid, bilinear, zeros
+    )
+    return votes.view(b, c, h, w).div_(math.pi * radius * radius)
+
+
+def _max_filter(score: torch.Tensor, kernel: int) -> torch.Tensor:
+    """``kernel`` x ``kernel`` moving maximum of an (H, W) map, -inf outside: ``F.max_pool2d(stride=1,
+    padding=kernel // 2)``, computed separably with ``torch.maximum`` (max_pool2d on one channel is
+    single-threaded and keeps indices, about 10x slower at 640 x 640)."""
+    half = kernel // 2
+    if half == 0:
+        return score
+    h, w = score.shape
+    padded = F.pad(score[None], (half, half, half, half), value=-math.inf)[0]
+    across = padded[:, 0:w]
+    for dx in range(1, kernel):
+        across = torch.maximum(across, padded[:, dx : dx + w])
+    pooled = across[0:h]
+    for dy in range(1, kernel):
+        pooled = torch.maximum(pooled, across[dy : dy + h])
+    return pooled
 
 
 def _pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]]:
@@ -71,7 +92,7 @@ def _pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int
     Plateaus (equal neighbours, e.g. a vote split evenly between two pixels) pass max-pool equality on
     every pixel; of candidates closer than the kernel half-width, only the first in score order is kept.
     """
-    pooled = F.max_pool2d(score[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
+    pooled = _max_filter(score, kernel)
     peak = (score == pooled) & (score > 0)
     cand = torch.where(peak, score, torch.zeros_like(score)).flatten()
     n_cand = min(int(peak.sum()), kernel * kernel * k)  # a plateau repeats a peak at most kernel^2 times
@@ -127,7 +148,7 @@ def _decode_stream(
         logits = F.interpolate(logits, scale_factor=upsample, mode="bilinear", align_corners=False)
         offsets = F.interpolate(offsets, scale_factor=upsample, mode="bilinear", align_corners=False)
     hough = hough_voting(torch.sigmoid(logits.float()), offsets.float(), radius).cpu()  # (B, C, Ht, Wt)
-    best = hough.max(dim=1).values
+    best = hough.amax(dim=1)
     total = hough.sum(dim=1)
     results = []
     for bi in range(b):
@@ -226,10 +247,29 @@ def decode_keypoints(
                 f"got {tuple(logits.shape)} and {tuple(offs.shape)}"
             )
         logits, offs = logits.detach().as_subclass(torch.Tensor), offs.detach().as_subclass(torch.Tensor)
-        per_image = _decode_stream(logits, offs, spec, radius, upsample, stride, aff, nms_kernel)
+        with _one_cpu_thread(logits.device.type == "cpu"):
+            per_image = _decode_stream(logits, offs, spec, radius, upsample, stride, aff, nms_kernel)
         for bi, kps in enumerate(per_image):
             out[bi][spec.name] = kps
     return out
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(enabled: bool) -> Iterator[None]:
+    """Run the block with one intra-op thread, restoring the previous count.
+
+    Decoding is ~25 small elementwise ops over a few MB: on one thread it takes ~30 ms at 640 x 640, while
+    on 2 threads of a shared machine each op waits at an OpenMP barrier (measured ~245 ms, 2 cores, busy).
+    """
+    threads = torch.get_num_threads()
+    if not enabled or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _as_specs(streams) -> tuple[StreamSpec, ...]:

@@ -40,8 +40,8 @@ def load_sagittal_series(
         float32 MetaTensor (num_slices, rows, cols), bright = high signal, with the 4x4 LPS ``affine``
         mapping (row i, col j, k) to patient mm (k = 0 is the middle slice's plane) and meta keys
         ``filename_or_obj, series_instance_uid, instance_numbers, middle_instance_number, middle_filename,
-        pixel_spacing,
-        slice_spacing, spatial_shape, original_affine, original_channel_dim, space`` (no patient identity).
+        pixel_spacing, slice_spacing, spatial_shape, original_affine, original_channel_dim, space`` (no
+        patient identity; ``middle_filename`` is the middle instance's file, drawn by the overlay writer).
 
     Raises:
         BundleInputError: missing/empty folder, non-DICOM or undecodable file, several series, missing

@@ -10,6 +10,7 @@ from .deeplab import (
     build_resnet_backbone,
     imagenet_state_dict,
 )
+from .fusion import fuse_for_inference
 from .spineone import ATTENTION_MODULES, HEATMAP_PRIOR, SpineOne, StreamHead
 
 __all__ = [
@@ -26,5 +27,6 @@ __all__ = [
     "StreamHead",
     "adapt_first_conv_weight",
     "build_resnet_backbone",
+    "fuse_for_inference",
     "imagenet_state_dict",
 ]

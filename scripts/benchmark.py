@@ -1,0 +1,431 @@
+#!/usr/bin/env python
+"""Measure SpineOne's speed and memory on this machine against its own fp32 matrix-multiply rate.
+
+One run writes a JSON file (atomically) with the machine's ``torch.mm`` throughput, the network's FLOPs
+and forward time (``fraction_of_peak``), one study's end-to-end time from DICOM folder to
+``keypoints.json`` split into load / preprocess / network / decode / write, the peak resident memory of
+inference (fresh subprocess) and the time and memory of one training step per sample for the fused and
+the plain PAM (fresh subprocesses, batch 2). docs/performance.md explains the keys and records results.
+
+Examples (from the repository root):
+    python scripts/benchmark.py --out /tmp/bench_640.json --size 640 --depth 50
+    python scripts/benchmark.py --out /tmp/bench_tiny.json --size 64 --depth 18 --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
+
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bundle.decoding import decode_keypoints  # noqa: E402
+from bundle.handlers import atomic_write_text  # noqa: E402
+from bundle.losses import SpineOneLoss  # noqa: E402
+from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
+from bundle.outputs import KeypointsWriter  # noqa: E402
+from bundle.streams import RSNA_STREAMS, parse_streams, split_output  # noqa: E402
+
+STREAMS = {"disc": 3}  # RSNA: one stream, 3 severities
+RADIUS, TARGET_STRIDE, NETWORK_STRIDE = 6.0, 1, 4  # as configs/inference.json
+
+
+def _best(fn: Callable[[], Any], repeats: int) -> float:
+    """Smallest wall time (s) of ``repeats`` calls of ``fn``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def machine_info() -> dict[str, Any]:
+    """CPU model, logical CPUs, torch version and build facts, load average."""
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "cpu_model": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "python_version": platform.python_version(),
+        "mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "mkl": bool(torch.backends.mkl.is_available()),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def matmul_gflops(n: int, repeats: int) -> float:
+    """fp32 ``torch.mm`` of two n x n matrices: best rate in GFLOP/s (2 n^3 FLOPs per product)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    return 2.0 * n**3 / _best(lambda: torch.mm(a, b, out=out), repeats) / 1e9
+
+
+def build_inference_network(depth: int, channels_last: bool = True) -> torch.nn.Module:
+    """Untrained SpineOne (RSNA streams, fused PAM) with BatchNorm folded, optionally channels_last."""
+    net = fuse_for_inference(SpineOne(STREAMS, backbone_depth=depth, pam_impl="fused"), inplace=True)
+    return net.to(memory_format=torch.channels_last) if channels_last else net
+
+
+def network_flops(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """FLOPs of one forward pass: FlopCounterMode's count plus PAM attention added by hand.
+
+    FlopCounterMode has no formula for the CPU flash SDPA kernel that the fused PAM uses, so per fused
+    PAM and image ``2 N^2 C_qk + 2 N^2 C_v`` is added: ``C_qk`` = the padded width the kernel computes
+    (C) for ``computed``, the real query/key width (C // 8) for ``useful``. A plain PAM's bmm calls are
+    already counted (at the real width).
+    """
+    shapes: list[tuple[str, int, int, int, int]] = []
+    hooks = [
+        m.register_forward_hook(
+            lambda mod, inp, out: shapes.append((mod.impl, inp[0].shape[0], mod.channels, mod.key_channels,
+                                                 inp[0].shape[-2] * inp[0].shape[-1]))
+        )
+        for m in net.modules()
+        if isinstance(m, PositionAttention)
+    ]
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            net(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    counted = float(counter.get_total_flops())
+    sdpa_counted = any("scaled_dot_product" in str(op) for op in counter.get_flop_counts().get("Global", {}))
+    computed = useful = 0.0
+    for impl, b, c, ck, n in shapes:
+        if impl == "fused" and not sdpa_counted:
+            computed += b * (2.0 * n * n * c + 2.0 * n * n * c)
+            useful += b * (2.0 * n * n * ck + 2.0 * n * n * c)
+    return {"counted": counted, "pam_computed": computed, "pam_useful": useful}
+
+
+def _generate_study(root: Path, seed: int) -> Path:
+    from bundle.phantoms import generate_phantoms
+
+    return Path(generate_phantoms(root, layout="rsna", studies=1, seed=seed))
+
+
+def _preprocessing(size: int):
+    """The inference config's preprocessing at ``input_size = size``: (loader, the remaining transforms)."""
+    from monai.bundle import ConfigParser
+    from monai.transforms import Compose
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    parser["input_size"] = int(size)
+    transforms = parser.get_parsed_content("preprocessing").transforms
+    return transforms[0], Compose(list(transforms[1:]))
+
+
+def end_to_end_once(net: torch.nn.Module, data_dir: Path, out_dir: Path, preprocessing: tuple, channels_last: bool) -> dict:
+    """One study from DICOM folder to keypoints.json (+ overlay.png): seconds per part.
+
+    load = finding the study and its sagittal T2 series + reading the middle slices; preprocess = the
+    config's intensity scaling, spacing, pad/crop and normalisation; network = forward pass;
+    decode = Hough voting and peaks; write = keypoints.json and overlay.png.
+    """
+    from bundle.studies import find_studies
+
+    loader, transforms = preprocessing
+    t0 = time.perf_counter()
+    data = loader(find_studies(data_dir)[0])
+    t1 = time.perf_counter()
+    data = transforms(data)
+    t2 = time.perf_counter()
+    image = data["image"]
+    with torch.inference_mode():
+        x = image.as_tensor().unsqueeze(0)
+        pred = net(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+    t3 = time.perf_counter()
+    with torch.inference_mode():
+        keypoints = decode_keypoints(
+            split_output(pred, STREAMS),
+            RSNA_STREAMS,
+            radius=RADIUS,
+            upsample=NETWORK_STRIDE / TARGET_STRIDE,
+            stride=TARGET_STRIDE,
+            affine=image.affine.unsqueeze(0).double(),
+        )
+    t4 = time.perf_counter()
+    KeypointsWriter(out_dir, RSNA_STREAMS, dataset_format="rsna", overlay=True).write_study(data, keypoints[0])
+    t5 = time.perf_counter()
+    return {
+        "load_seconds": t1 - t0,
+        "preprocess_seconds": t2 - t1,
+        "network_seconds": t3 - t2,
+        "decode_seconds": t4 - t3,
+        "write_seconds": t5 - t4,
+        "end_to_end_seconds": t5 - t0,
+        "input_shape": list(image.shape),
+        "num_keypoints": sum(len(v) for v in keypoints[0].values()),
+    }
+
+
+def synthetic_targets(batch: int, size: int, classes: int = 3, levels: int = 5, radius: float = RADIUS) -> dict:
+    """Loss targets on the stride-1 grid: ``levels`` disks along the middle column, offsets to their centres."""
+    heatmap = torch.zeros(batch, classes, size, size)
+    offset = torch.zeros(batch, 2 * classes, size, size)
+    mask = torch.zeros(batch, 2 * classes, size, size)
+    rows = torch.arange(size, dtype=torch.float32).view(-1, 1)
+    cols = torch.arange(size, dtype=torch.float32).view(1, -1)
+    for b in range(batch):
+        for level in range(levels):
+            cy, cx, c = (level + 1) * size / (levels + 1), size / 2.0, (b + level) % classes
+            disk = ((rows - cy) ** 2 + (cols - cx) ** 2) <= radius**2
+            heatmap[b, c][disk] = 1.0
+            offset[b, 2 * c][disk] = (cx - cols).expand(size, size)[disk]
+            offset[b, 2 * c + 1][disk] = (cy - rows).expand(size, size)[disk]
+            mask[b, 2 * c : 2 * c + 2, disk] = 1.0
+    return {"disc_heatmap": heatmap, "disc_offset": offset, "disc_offset_mask": mask}
+
+
+def train_step(depth: int, crop: int, impl: str, repeats: int, batch: int = 2) -> dict[str, float]:
+    """One SGD step (forward, SpineOneLoss, backward, Adam) at a ``crop`` x ``crop`` batch of ``batch``."""
+    torch.manual_seed(0)
+    net = SpineOne(STREAMS, backbone_depth=depth, pam_impl=impl).train()
+    loss_fn = SpineOneLoss(STREAMS)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x = torch.randn(batch, 7, crop, crop)
+    targets = synthetic_targets(batch, crop)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=False)  # SupervisedTrainer's default
+        total, _ = loss_fn(net(x), targets)
+        total.backward()
+        optimizer.step()
+
+    step()  # warm-up: Adam state, oneDNN primitives
+    seconds = _best(step, repeats)
+    peak = _peak_rss_mb()
+    return {
+        "batch": batch,
+        "crop": crop,
+        "step_seconds": seconds,
+        "step_seconds_per_sample": seconds / batch,
+        "peak_rss_mb": peak,
+        "peak_rss_mb_per_sample": peak / batch,
+    }
+
+
+def _child(args: argparse.Namespace) -> dict[str, Any]:
+    """Work done in a fresh subprocess so that ru_maxrss is this measurement's peak only."""
+    rss_import = _current_rss_mb()
+    if args.child == "inference":
+        net = build_inference_network(args.depth, not args.no_channels_last)
+        with tempfile.TemporaryDirectory() as out:
+            parts = end_to_end_once(net, Path(args.data_dir), Path(out), _preprocessing(args.size), not args.no_channels_last)
+        return {"peak_rss_mb": _peak_rss_mb(), "rss_after_import_mb": rss_import, "end_to_end_seconds": parts["end_to_end_seconds"]}
+    result = train_step(args.depth, args.train_size, args.impl, args.train_repeats)
+    result["rss_after_import_mb"] = rss_import
+    return result
+
+
+def _child_command(args: argparse.Namespace, *extra: str) -> list[str]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--size", str(args.size), "--depth", str(args.depth),
+           "--threads", str(args.threads), "--train-size", str(args.train_size),
+           "--train-repeats", str(args.train_repeats), *extra]
+    return cmd + (["--no-channels-last"] if args.no_channels_last else [])
+
+
+def _run_children(commands: dict[str, list[str]], concurrent: bool) -> dict[str, dict[str, Any]]:
+    """Run each command in a fresh process (one after the other unless ``concurrent``); parse its last
+    stdout line as JSON, or report ``{"error": ...}`` (e.g. a process killed for memory)."""
+
+    def collect(proc: subprocess.Popen) -> dict[str, Any]:
+        stdout, stderr = proc.communicate()
+        lines = stdout.strip().splitlines()
+        if proc.returncode != 0 or not lines:
+            return {"error": f"exit status {proc.returncode}: {stderr.strip()[-500:]}"}
+        return json.loads(lines[-1])
+
+    def start(cmd: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    if concurrent:  # --quick smoke test: overlap the imports; timings are then not meaningful
+        procs = {name: start(cmd) for name, cmd in commands.items()}
+        return {name: collect(proc) for name, proc in procs.items()}
+    return {name: collect(start(cmd)) for name, cmd in commands.items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """The whole benchmark; returns the JSON content."""
+    result: dict[str, Any] = {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "device": "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "size": args.size,
+        "depth": args.depth,
+        "quick": bool(args.quick),
+        "channels_last": not args.no_channels_last,
+        "load_average_start": list(os.getloadavg()),
+        **machine_info(),
+    }
+    result["matmul_n"] = args.matmul_n
+    result["matmul_gflops"] = matmul_gflops(args.matmul_n, args.repeats)
+
+    channels_last = not args.no_channels_last
+    net = build_inference_network(args.depth, channels_last)
+    x = torch.randn(1, 7, args.size, args.size)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    flops = network_flops(net, x)
+    with torch.inference_mode():
+        net(x)  # warm-up: oneDNN primitives and weight reorders
+        seconds = _best(lambda: net(x), args.repeats)
+    # the fused PAM alone on the stride-4 feature map: how close the attention kernel itself gets to peak
+    pam = PositionAttention(64, impl="fused").eval()
+    feats = torch.randn(1, 64, args.size // 4, args.size // 4).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        pam(feats)
+        pam_seconds = _best(lambda: pam(feats), args.repeats)
+    eager = SpineOne(STREAMS, backbone_depth=args.depth, pam_impl="fused").eval()
+    x_eager = x.contiguous()
+    with torch.no_grad():  # as SpineOneEvalStep runs it: no folding, NCHW, no_grad
+        eager(x_eager)
+        eager_seconds = _best(lambda: eager(x_eager), args.repeats)
+    del eager
+    computed = flops["counted"] + flops["pam_computed"]
+    useful = flops["counted"] + flops["pam_useful"]
+    result.update({
+        "network_gflop_counted": flops["counted"] / 1e9,
+        "pam_attention_gflop_added": flops["pam_computed"] / 1e9,
+        "pam_attention_gflop_useful": flops["pam_useful"] / 1e9,
+        "network_gflop": computed / 1e9,
+        "network_gflop_useful": useful / 1e9,
+        "network_seconds": seconds,
+        "network_seconds_eager": eager_seconds,
+        "fraction_of_peak": computed / seconds / 1e9 / result["matmul_gflops"],
+        "fraction_of_peak_useful": useful / seconds / 1e9 / result["matmul_gflops"],
+        "pam_seconds": pam_seconds,
+        "pam_fraction_of_peak": flops["pam_computed"] / len(STREAMS) / pam_seconds / 1e9 / result["matmul_gflops"],
+        "rest_fraction_of_peak": flops["counted"] / max(seconds - len(STREAMS) * pam_seconds, 1e-9) / 1e9
+        / result["matmul_gflops"],
+    })
+
+    with tempfile.TemporaryDirectory(prefix="spineone_bench_") as tmp:
+        data_dir = _generate_study(Path(tmp) / "phantom", args.seed)
+        preprocessing = _preprocessing(args.size)
+        passes = [end_to_end_once(net, data_dir, Path(tmp) / "out", preprocessing, channels_last)
+                  for _ in range(1 + args.repeats)]
+        first, best = passes[0], min(passes[1:], key=lambda p: p["end_to_end_seconds"])
+        result["end_to_end_first_seconds"] = first["end_to_end_seconds"]
+        result["end_to_end"] = best
+        for key in ("end_to_end_seconds", "load_seconds", "preprocess_seconds", "decode_seconds", "write_seconds"):
+            result[key] = best[key]
+        result["end_to_end_network_seconds"] = best["network_seconds"]
+        del net
+        commands = {"inference": _child_command(args, "--child", "inference", "--data-dir", str(data_dir))}
+        if not args.no_train:
+            for impl in ("fused", "plain"):
+                commands[impl] = _child_command(args, "--child", "train", "--impl", impl)
+        children = _run_children(commands, concurrent=args.quick)
+    inference = children.pop("inference")
+    result["inference_subprocess"] = inference
+    result["peak_rss_mb"] = inference.get("peak_rss_mb", float("nan"))
+    if children:
+        result["train"] = children
+        result["train_step_seconds"] = {k: v.get("step_seconds_per_sample", float("nan")) for k, v in children.items()}
+        result["train_peak_rss_mb"] = {k: v.get("peak_rss_mb_per_sample", float("nan")) for k, v in children.items()}
+        result["train_memory_ratio_fused_over_plain"] = result["train_peak_rss_mb"]["fused"] / result["train_peak_rss_mb"]["plain"]
+        above = {k: v.get("peak_rss_mb", float("nan")) - v.get("rss_after_import_mb", float("nan")) for k, v in children.items()}
+        result["train_peak_rss_above_import_mb"] = {k: v / children[k].get("batch", 2) for k, v in above.items()}
+        result["train_memory_ratio_above_import"] = above["fused"] / above["plain"]
+
+    e2e = result["end_to_end_seconds"]
+    result["decode_fraction_of_end_to_end"] = result["decode_seconds"] / e2e
+    result["end_to_end_over_network"] = e2e / result["end_to_end_network_seconds"]  # parts of the same pass
+    result["end_to_end_over_best_network"] = e2e / seconds
+    result["targets"] = {
+        "fraction_of_peak_ge_0.7": result["fraction_of_peak"] >= 0.7,
+        "inference_peak_rss_lt_2048_mb": result["peak_rss_mb"] < 2048,
+        "decode_le_2pct_of_end_to_end": result["decode_fraction_of_end_to_end"] <= 0.02,
+        "end_to_end_le_1.3x_network": result["end_to_end_over_network"] <= 1.3,
+    }
+    if "train_memory_ratio_fused_over_plain" in result:
+        result["targets"]["train_memory_fused_le_quarter_of_plain"] = result["train_memory_ratio_fused_over_plain"] <= 0.25
+    result["load_average_end"] = list(os.getloadavg())
+    return result
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", help="JSON file to write (required except in --child mode)")
+    p.add_argument("--size", type=int, default=640, help="input H = W in pixels (multiple of 16; default 640)")
+    p.add_argument("--depth", type=int, default=50, choices=(18, 34, 50, 101), help="ResNet depth (default 50)")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="one repeat, small matmul, training at --size: a smoke test")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats (best is kept); default 5, 1 with --quick")
+    p.add_argument("--train-size", type=int, default=None, help="training crop (default 512, --size with --quick)")
+    p.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2, 1 with --quick)")
+    p.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 4096, 512 with --quick)")
+    p.add_argument("--no-train", action="store_true", help="skip the training measurements")
+    p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
+    p.add_argument("--seed", type=int, default=0, help="phantom seed")
+    p.add_argument("--child", choices=("inference", "train"), help=argparse.SUPPRESS)
+    p.add_argument("--impl", default="fused", help=argparse.SUPPRESS)
+    p.add_argument("--data-dir", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.size < 16 or args.size % 16:
+        p.error(f"--size must be a positive multiple of 16, got {args.size}")
+    args.repeats = args.repeats or (1 if args.quick else 5)
+    args.train_repeats = args.train_repeats or (1 if args.quick else 2)
+    args.matmul_n = args.matmul_n or (512 if args.quick else 4096)
+    args.train_size = args.train_size or (args.size if args.quick else 512)
+    if args.train_size < 16 or args.train_size % 16:
+        p.error(f"--train-size must be a positive multiple of 16, got {args.train_size}")
+    if args.threads < 1:
+        p.error(f"--threads must be >= 1, got {args.threads}")
+    if args.child is None and not args.out:
+        p.error("--out is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return
+    result = run(args)
+    out = Path(args.out)
+    atomic_write_text(out, json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("matmul_gflops", "network_gflop", "network_seconds", "fraction_of_peak",
+                                             "end_to_end_seconds", "peak_rss_mb") if k in result}, indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    main()
