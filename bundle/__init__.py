@@ -7,7 +7,13 @@ from bundle.codec import mm_to_pixels, pixels_to_mm
 from bundle.decoding import decode_keypoints, hough_voting
 from bundle.engines import SpineOneEvalStep, SpineOneTrainStep, target_keys
 from bundle.errors import BundleInputError
-from bundle.handlers import KeypointDetectionMetric, MetricsWriter, ObjectiveAssociationHandler, TrainingStateCheckpoint
+from bundle.handlers import (
+    InferenceOptimizer,
+    KeypointDetectionMetric,
+    MetricsWriter,
+    ObjectiveAssociationHandler,
+    TrainingStateCheckpoint,
+)
 from bundle.io import (
     InPlaneSpacingd,
     LoadSagittalSeriesd,
@@ -32,6 +38,7 @@ __all__ = [
     "BundleInputError",
     "ChannelAttention",
     "InPlaneSpacingd",
+    "InferenceOptimizer",
     "KeypointDetectionMetric",
     "KeypointMetric",
     "KeypointsToArraysd",

@@ -94,7 +94,7 @@ class SpineOneEvalStep:
     def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
         image = _to_device(engine, batch["image"])
         engine.network.eval()
-        with torch.no_grad():
+        with torch.inference_mode():
             pred = engine.inferer(_plain(image), engine.network)
             affine = getattr(image, "affine", None)
             if affine is not None and affine.ndim == 2:

@@ -215,3 +215,24 @@ def test_rsna_prior_from_train_csv(tmp_path):
     prior = read_rsna_prior(path)
     assert prior["spinal_canal_stenosis"] == pytest.approx(((5 + 1) / 13, 1 / 13, (5 + 1) / 13))
     assert prior["left_neural_foraminal_narrowing"] == read_rsna_prior(None)["left_neural_foraminal_narrowing"]
+
+
+def test_inference_optimizer_folds_batchnorm_after_loading():
+    from bundle.handlers import InferenceOptimizer
+    from bundle.networks import SpineOne
+
+    torch.manual_seed(0)
+    net = SpineOne({"disc": 3}, backbone_depth=18).eval()
+    for module in net.modules():  # non-trivial running statistics, as after training
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(1, 7, 64, 64)
+    with torch.no_grad():
+        expected = net(x)
+    engine = Engine(lambda e, b: None)
+    InferenceOptimizer(net).attach(engine)
+    engine.run([0], max_epochs=1)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    with torch.inference_mode():
+        torch.testing.assert_close(net(x), expected, atol=1e-4, rtol=1e-4)
