@@ -199,3 +199,16 @@ def test_tiny_tianchi_train_evaluate_infer(tmp_path):
     content = json.loads((tmp_path / "inf" / "study0" / "keypoints.json").read_text())
     levels = {(k["stream"], k["level"]) for k in content["keypoints"]}
     assert {("disc", "T12-L1"), ("vertebra", "L5")} <= levels and len(levels) == 11
+
+
+def test_persistent_cache_config_reuses_decoded_series(tmp_path):
+    """configs/persistent_cache.json swaps the in-memory CacheDataset for an on-disk PersistentDataset."""
+    args = ["training", "--config_file", "['configs/train.json','configs/persistent_cache.json']", "--max_epochs"]
+    first = _bundle_run(tmp_path, *args, "1")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    cached = sorted((tmp_path / "eval" / "cache" / "train").glob("*.pt"))
+    assert len(cached) == 4 and len(list((tmp_path / "eval" / "cache" / "validate").glob("*.pt"))) == 1
+    stamps = [p.stat().st_mtime_ns for p in cached]
+    second = _bundle_run(tmp_path, *args, "2")  # resumes; the second epoch reads the cache, writes nothing new
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert [p.stat().st_mtime_ns for p in cached] == stamps
