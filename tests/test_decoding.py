@@ -187,6 +187,18 @@ def test_network_like_stride_four_predictions_upsampled():
     np.testing.assert_allclose([kp["xy"] for kp in kps], gt_xy.numpy(), atol=1.0)
 
 
+def test_channels_last_output_decodes_like_nchw():
+    """The inference path runs the network in channels_last; its output decodes exactly as the NCHW copy."""
+    torch.manual_seed(3)
+    output = torch.randn(2, 9, 24, 20)
+    output[:, :3] *= 4.0
+    nchw = decode_keypoints(output, DISC, upsample=4)
+    strided = output.contiguous(memory_format=torch.channels_last)
+    assert not strided.is_contiguous()
+    assert decode_keypoints(strided, DISC, upsample=4) == nchw
+    assert sum(len(image["disc"]) for image in nchw) > 0
+
+
 def test_class_probabilities_score_and_fewer_peaks():
     spec = StreamSpec("disc", ("a", "b", "c", "d", "e"), ("n", "d"))
     h = w = 24
