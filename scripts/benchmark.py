@@ -311,7 +311,8 @@ def device_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     ``exam_seconds``: model time per exam at ``--size`` for batches ``--exam-batches`` (folded BatchNorm,
     channels_last, fused PAM, inference_mode, synchronised); ``train``: fused and plain training steps at
     ``TRAIN_BATCHES`` with the allocator's peak memory (``train_peak_memory_mb``: what one more sample adds).
-    Written for ``cuda``; on the CPU the same code runs (the test does), with RSS in place of allocator peaks.
+    Written for ``cuda``. On the CPU the same code runs (the test does), but its memory figures are then this
+    process's lifetime RSS peak, not per-step measures: CPU memory is what the default benchmark measures.
     """
     dev = torch.device(device)
     net = build_inference_network(args.depth).to(dev)
