@@ -58,6 +58,12 @@ def _best(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def _ratio(numerator: float, denominator: float) -> float:
+    """``numerator / denominator``, NaN where the denominator is not positive (a memory difference can be 0
+    or negative when allocator noise outweighs a tiny measurement, e.g. ``--quick``)."""
+    return numerator / denominator if denominator > 0 else float("nan")
+
+
 def _peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
@@ -344,7 +350,7 @@ def device_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
             "train_memory_measure": key,
             "train_step_seconds": {impl: train[f"{impl}/{small}"]["step_seconds_per_sample"] for impl in PAM_IMPLS},
             "train_peak_memory_mb": per_sample,
-            "train_memory_ratio_fused_over_plain": per_sample["fused"] / per_sample["plain"],
+            "train_memory_ratio_fused_over_plain": _ratio(per_sample["fused"], per_sample["plain"]),
         })
     return report
 
@@ -409,11 +415,11 @@ def training_summary(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "train_batches": list(TRAIN_BATCHES),
         "train_step_seconds": {impl: train[impl][str(small)].get("step_seconds_per_sample", nan) for impl in PAM_IMPLS},
         "train_peak_rss_mb": per_sample,
-        "train_memory_ratio_fused_over_plain": per_sample["fused"] / per_sample["plain"],
+        "train_memory_ratio_fused_over_plain": _ratio(per_sample["fused"], per_sample["plain"]),
         "train_process_peak_rss_mb_per_sample": whole,
-        "train_memory_ratio_whole_process": whole["fused"] / whole["plain"],
+        "train_memory_ratio_whole_process": _ratio(whole["fused"], whole["plain"]),
         "train_peak_rss_above_import_mb": above,
-        "train_memory_ratio_above_import": above["fused"] / above["plain"],
+        "train_memory_ratio_above_import": _ratio(above["fused"], above["plain"]),
     }
 
 
