@@ -5,7 +5,9 @@ One run writes a JSON file (atomically) with the machine's ``torch.mm`` throughp
 and forward time (``fraction_of_peak``), one study's end-to-end time from DICOM folder to
 ``keypoints.json`` split into load / preprocess / network / decode / write, the peak resident memory of
 inference (fresh subprocess) and the time and memory of one training step per sample for the fused and
-the plain PAM (fresh subprocesses at batches 2 and 3: the third sample's extra peak is a sample's memory). docs/performance.md explains the keys and records results.
+the plain PAM (fresh subprocesses at batches 2 and 3: the third sample's extra peak is a sample's memory).
+With ``--device cuda``: model time per exam at batches 1 and 16 and GPU training memory instead.
+docs/performance.md explains the keys and records results.
 
 Examples (from the repository root):
     python scripts/benchmark.py --out /tmp/bench_640.json --size 640 --depth 50
@@ -404,7 +406,8 @@ def training_summary(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """
     nan = float("nan")
     small, large = TRAIN_BATCHES[0], TRAIN_BATCHES[-1]
-    train = {impl: {str(b): children.get(f"{impl}/{b}", {"error": "not run"}) for b in TRAIN_BATCHES} for impl in PAM_IMPLS}
+    train = {impl: {str(b): children.get(f"{impl}/{b}", {"error": "not run"}) for b in TRAIN_BATCHES}
+             for impl in PAM_IMPLS}
     peak = {impl: {b: train[impl][str(b)].get("peak_rss_mb", nan) for b in TRAIN_BATCHES} for impl in PAM_IMPLS}
     per_sample = {impl: (peak[impl][large] - peak[impl][small]) / (large - small) for impl in PAM_IMPLS}
     whole = {impl: peak[impl][small] / small for impl in PAM_IMPLS}
@@ -517,7 +520,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "train_memory_ratio_fused_over_plain" in result:
         result["targets"]["train_memory_fused_le_quarter_of_plain_whole_process"] = (
             result["train_memory_ratio_whole_process"] <= 0.25)
-        result["targets"]["train_memory_fused_le_quarter_of_plain"] = result["train_memory_ratio_fused_over_plain"] <= 0.25
+        result["targets"]["train_memory_fused_le_quarter_of_plain"] = (
+            result["train_memory_ratio_fused_over_plain"] <= 0.25)
     result["load_average_end"] = list(os.getloadavg())
     return result
 
@@ -535,7 +539,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 4096, 512 with --quick)")
     p.add_argument("--no-train", action="store_true", help="skip the training measurements")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="cpu: the full CPU benchmark (default); cuda: model time per exam and training memory on the GPU")
+                   help="cpu: the full CPU benchmark (default); "
+                   "cuda: model time per exam and training memory on the GPU")
     p.add_argument("--exam-batches", type=int, nargs="+", default=[1, 16],
                    help="with --device cuda: batches for the model time per exam (default 1 16)")
     p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
