@@ -12,7 +12,6 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-
 from bundle.codec import as_affine, pixels_to_mm, target_to_image
 from bundle.streams import StreamSpec, parse_streams, split_output
 
@@ -161,8 +160,16 @@ def _decode_stream(
             tx, ty = _refine(total[bi], r, col)
             x, y = float(target_to_image(tx, stride)), float(target_to_image(ty, stride))
             mm = pixels_to_mm([[x, y]], affine[bi])[0].tolist() if affine is not None else None
-            found.append({"label": label, "class_name": spec.classes[label], "probabilities": probs,
-                          "score": float(scores[label]), "xy": [x, y], "mm": mm})
+            found.append(
+                {
+                    "label": label,
+                    "class_name": spec.classes[label],
+                    "probabilities": probs,
+                    "score": float(scores[label]),
+                    "xy": [x, y],
+                    "mm": mm,
+                }
+            )
         # head to feet: superior = larger patient z (LPS); without geometry, smaller image row first
         found.sort(key=(lambda kp: -kp["mm"][2]) if affine is not None else (lambda kp: kp["xy"][1]))
         for i, kp in enumerate(found):

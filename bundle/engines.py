@@ -10,10 +10,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from ignite.engine import Engine
-
 from bundle.decoding import decode_keypoints
 from bundle.streams import StreamSpec, parse_streams, split_output
+from ignite.engine import Engine
 
 __all__ = ["TARGET_SUFFIXES", "target_keys", "SpineOneTrainStep", "SpineOneEvalStep"]
 

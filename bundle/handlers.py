@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
-from ignite.metrics import Metric
-
 from bundle.atomic import atomic_write, atomic_write_text
 from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
 from bundle.streams import StreamSpec, parse_streams
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
 
 __all__ = [
     "ObjectiveAssociationHandler",

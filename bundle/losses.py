@@ -25,11 +25,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from bundle.streams import StreamSpec, split_output
 from monai.data import MetaTensor
 from monai.losses import FocalLoss
 from torch import nn
-
-from bundle.streams import StreamSpec, split_output
 
 __all__ = ["OA_MODES", "SpineOneLoss", "oa_weights", "total_loss"]
 

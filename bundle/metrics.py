@@ -24,7 +24,6 @@ import os
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-
 from bundle.atomic import atomic_write
 from bundle.streams import StreamSpec, parse_streams
 
@@ -184,12 +183,7 @@ class KeypointMetric:
         }
 
     def update(
-        self,
-        stream: str,
-        pred_mm: np.ndarray,
-        pred_labels: np.ndarray,
-        gt_mm: np.ndarray,
-        gt_labels: np.ndarray,
+        self, stream: str, pred_mm: np.ndarray, pred_labels: np.ndarray, gt_mm: np.ndarray, gt_labels: np.ndarray
     ) -> None:
         """Add one study of ``stream``: arrays as in :func:`keypoint_scores`, L = the stream's level count."""
         if stream not in self.streams:

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
-
 from bundle.decoding import decode_keypoints
 from bundle.outputs import keypoint_record
 from bundle.streams import StreamSpec, parse_streams, split_output
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 __all__ = ["KeypointsToLabeld", "label_values"]
 

@@ -15,14 +15,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from ignite.engine import Engine, Events
-from monai.data import decollate_batch
-
 from bundle.atomic import atomic_write_bytes, atomic_write_text
 from bundle.rsna_metric import CONDITIONS, LEVELS
 from bundle.streams import StreamSpec, parse_streams
+from ignite.engine import Engine, Events
+from monai.data import decollate_batch
 
-__all__ = ["KeypointsWriter", "RsnaScoreHandler", "keypoint_record", "keypoints_to_pixels", "render_overlay", "RSNA_PRIOR", "read_rsna_prior"]
+__all__ = [
+    "KeypointsWriter",
+    "RsnaScoreHandler",
+    "keypoint_record",
+    "keypoints_to_pixels",
+    "render_overlay",
+    "RSNA_PRIOR",
+    "read_rsna_prior",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,11 +72,7 @@ def keypoints_to_pixels(mm: Sequence[float], affine: np.ndarray) -> tuple[float,
 
 
 def keypoint_record(
-    spec: StreamSpec,
-    point: Mapping[str, Any],
-    affine: np.ndarray,
-    instance_number: int,
-    ndigits: int | None = None,
+    spec: StreamSpec, point: Mapping[str, Any], affine: np.ndarray, instance_number: int, ndigits: int | None = None
 ) -> dict[str, Any]:
     """One decoded keypoint as written out: ``stream, level, x, y`` (pixels of the slice whose 4x4
     voxel-to-mm ``affine`` is given), ``instance_number``, ``position_mm``, ``label`` (class name),
@@ -138,7 +141,9 @@ class KeypointsWriter:
         self.output_dir = Path(output_dir)
         self.specs = parse_streams(streams)
         self.dataset_format = dataset_format
-        self.submission_streams = dict(submission_streams or ({"disc": "spinal_canal_stenosis"} if dataset_format == "rsna" else {}))
+        self.submission_streams = dict(
+            submission_streams or ({"disc": "spinal_canal_stenosis"} if dataset_format == "rsna" else {})
+        )
         self.prior = {k: tuple(v) for k, v in (prior or RSNA_PRIOR).items()}
         self.overlay = overlay
         self.rows: list[tuple[str, tuple[float, float, float]]] = []

@@ -28,7 +28,6 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
-
 from bundle.errors import BundleInputError
 
 __all__ = [

@@ -12,13 +12,12 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.config import KeysCollection
-from monai.data import MetaTensor
-from monai.transforms import MapTransform
-
 from bundle.codec import encode_ocpc, image_to_target, inside_grid, mm_to_pixels, target_shape
 from bundle.errors import BundleInputError
 from bundle.streams import StreamSpec, parse_streams
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
 
 __all__ = ["KeypointsToArraysd", "OCPCTargetsd"]
 

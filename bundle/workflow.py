@@ -11,13 +11,7 @@ from typing import Any
 from bundle.errors import BundleInputError
 from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_streams
 
-__all__ = [
-    "DATASET_FORMATS",
-    "default_streams",
-    "stream_classes",
-    "prepare_dataset",
-    "load_datalist",
-]
+__all__ = ["DATASET_FORMATS", "default_streams", "stream_classes", "prepare_dataset", "load_datalist"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +55,9 @@ def prepare_dataset(
             raise BundleInputError(f"dataset_dir {dataset_dir} does not exist")
         from bundle.phantoms import generate_phantoms
 
-        logger.info(f"generating {phantom_studies} {dataset_format} phantom studies (seed {phantom_seed}) in {dataset_dir}")
+        logger.info(
+            f"generating {phantom_studies} {dataset_format} phantom studies (seed {phantom_seed}) in {dataset_dir}"
+        )
         generate_phantoms(
             dataset_dir, layout=dataset_format, studies=phantom_studies, seed=phantom_seed, max_size=phantom_max_size
         )

@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
 
 import torch  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
-
 from bundle.decoding import decode_keypoints  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
 from bundle.losses import SpineOneLoss  # noqa: E402
 from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
 from bundle.outputs import KeypointsWriter  # noqa: E402
-from bundle.streams import RSNA_STREAMS, parse_streams, split_output  # noqa: E402
+from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
 STREAMS = {"disc": 3}  # RSNA: one stream, 3 severities
 RADIUS, TARGET_STRIDE, NETWORK_STRIDE = 6.0, 1, 4  # as configs/inference.json
@@ -156,8 +156,9 @@ def network_flops(net: torch.nn.Module, x: torch.Tensor) -> dict[str, float]:
     shapes: list[tuple[str, int, int, int, int]] = []
     hooks = [
         m.register_forward_hook(
-            lambda mod, inp, out: shapes.append((mod.impl, inp[0].shape[0], mod.channels, mod.key_channels,
-                                                 inp[0].shape[-2] * inp[0].shape[-1]))
+            lambda mod, inp, out: shapes.append(
+                (mod.impl, inp[0].shape[0], mod.channels, mod.key_channels, inp[0].shape[-2] * inp[0].shape[-1])
+            )
         )
         for m in net.modules()
         if isinstance(m, PositionAttention)
@@ -194,7 +195,9 @@ def _preprocessing(size: int):
     return transforms[0], Compose(list(transforms[1:]))
 
 
-def end_to_end_once(net: torch.nn.Module, data_dir: Path, out_dir: Path, preprocessing: tuple, channels_last: bool) -> dict:
+def end_to_end_once(
+    net: torch.nn.Module, data_dir: Path, out_dir: Path, preprocessing: tuple, channels_last: bool
+) -> dict:
     """One study from DICOM folder to keypoints.json (+ overlay.png): seconds per part.
 
     load = finding the study and its sagittal T2 series + reading the middle slices; preprocess = the
@@ -296,8 +299,9 @@ def train_step(depth: int, crop: int, impl: str, repeats: int, batch: int = 2, d
     return result
 
 
-def exam_seconds(net: torch.nn.Module, size: int, batches: tuple[int, ...], device: torch.device,
-                 repeats: int) -> dict[str, float]:
+def exam_seconds(
+    net: torch.nn.Module, size: int, batches: tuple[int, ...], device: torch.device, repeats: int
+) -> dict[str, float]:
     """Model time per exam (one 7-slice ``size`` x ``size`` input) at each batch: best batch time / batch."""
     out = {}
     for batch in batches:
@@ -341,19 +345,26 @@ def device_report(args: argparse.Namespace, device: str) -> dict[str, Any]:
     report["fraction_of_peak"] = flops["counted"] / report["network_seconds"] / 1e9 / report["matmul_gflops"]
     del net
     if not args.no_train:
-        train = {f"{impl}/{b}": train_step(args.depth, args.train_size, impl, args.train_repeats, b, device)
-                 for impl in PAM_IMPLS for b in TRAIN_BATCHES}
+        train = {
+            f"{impl}/{b}": train_step(args.depth, args.train_size, impl, args.train_repeats, b, device)
+            for impl in PAM_IMPLS
+            for b in TRAIN_BATCHES
+        }
         key = "max_memory_allocated_mb" if dev.type == "cuda" else "peak_rss_mb"
         small, large = TRAIN_BATCHES[0], TRAIN_BATCHES[-1]
-        per_sample = {impl: (train[f"{impl}/{large}"][key] - train[f"{impl}/{small}"][key]) / (large - small)
-                      for impl in PAM_IMPLS}
-        report.update({
-            "train": train,
-            "train_memory_measure": key,
-            "train_step_seconds": {impl: train[f"{impl}/{small}"]["step_seconds_per_sample"] for impl in PAM_IMPLS},
-            "train_peak_memory_mb": per_sample,
-            "train_memory_ratio_fused_over_plain": _ratio(per_sample["fused"], per_sample["plain"]),
-        })
+        per_sample = {
+            impl: (train[f"{impl}/{large}"][key] - train[f"{impl}/{small}"][key]) / (large - small)
+            for impl in PAM_IMPLS
+        }
+        report.update(
+            {
+                "train": train,
+                "train_memory_measure": key,
+                "train_step_seconds": {impl: train[f"{impl}/{small}"]["step_seconds_per_sample"] for impl in PAM_IMPLS},
+                "train_peak_memory_mb": per_sample,
+                "train_memory_ratio_fused_over_plain": _ratio(per_sample["fused"], per_sample["plain"]),
+            }
+        )
     return report
 
 
@@ -363,17 +374,35 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     if args.child == "inference":
         net = build_inference_network(args.depth, not args.no_channels_last)
         with tempfile.TemporaryDirectory() as out:
-            parts = end_to_end_once(net, Path(args.data_dir), Path(out), _preprocessing(args.size), not args.no_channels_last)
-        return {"peak_rss_mb": _peak_rss_mb(), "rss_after_import_mb": rss_import, "end_to_end_seconds": parts["end_to_end_seconds"]}
+            parts = end_to_end_once(
+                net, Path(args.data_dir), Path(out), _preprocessing(args.size), not args.no_channels_last
+            )
+        return {
+            "peak_rss_mb": _peak_rss_mb(),
+            "rss_after_import_mb": rss_import,
+            "end_to_end_seconds": parts["end_to_end_seconds"],
+        }
     result = train_step(args.depth, args.train_size, args.impl, args.train_repeats, args.batch)
     result["rss_after_import_mb"] = rss_import
     return result
 
 
 def _child_command(args: argparse.Namespace, *extra: str) -> list[str]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--size", str(args.size), "--depth", str(args.depth),
-           "--threads", str(args.threads), "--train-size", str(args.train_size),
-           "--train-repeats", str(args.train_repeats), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--size",
+        str(args.size),
+        "--depth",
+        str(args.depth),
+        "--threads",
+        str(args.threads),
+        "--train-size",
+        str(args.train_size),
+        "--train-repeats",
+        str(args.train_repeats),
+        *extra,
+    ]
     return cmd + (["--no-channels-last"] if args.no_channels_last else [])
 
 
@@ -406,13 +435,16 @@ def training_summary(children: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """
     nan = float("nan")
     small, large = TRAIN_BATCHES[0], TRAIN_BATCHES[-1]
-    train = {impl: {str(b): children.get(f"{impl}/{b}", {"error": "not run"}) for b in TRAIN_BATCHES}
-             for impl in PAM_IMPLS}
+    train = {
+        impl: {str(b): children.get(f"{impl}/{b}", {"error": "not run"}) for b in TRAIN_BATCHES} for impl in PAM_IMPLS
+    }
     peak = {impl: {b: train[impl][str(b)].get("peak_rss_mb", nan) for b in TRAIN_BATCHES} for impl in PAM_IMPLS}
     per_sample = {impl: (peak[impl][large] - peak[impl][small]) / (large - small) for impl in PAM_IMPLS}
     whole = {impl: peak[impl][small] / small for impl in PAM_IMPLS}
-    above = {impl: (peak[impl][small] - train[impl][str(small)].get("rss_after_import_mb", nan)) / small
-             for impl in PAM_IMPLS}
+    above = {
+        impl: (peak[impl][small] - train[impl][str(small)].get("rss_after_import_mb", nan)) / small
+        for impl in PAM_IMPLS
+    }
     return {
         "train": train,
         "train_batches": list(TRAIN_BATCHES),
@@ -453,7 +485,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     flops = network_flops(net, x)
     with torch.inference_mode():
         net(x)  # warm-up: oneDNN primitives and weight reorders
-        seconds = _best(lambda: net(x), args.repeats)
+        seconds = _best(partial(net, x), args.repeats)
     # the fused PAM alone on the stride-4 feature map: how close the attention kernel itself gets to peak
     pam = PositionAttention(64, impl="fused").eval()
     feats = torch.randn(1, 64, args.size // 4, args.size // 4).contiguous(memory_format=torch.channels_last)
@@ -466,28 +498,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     x_eager = x.contiguous()
     with torch.no_grad():  # as SpineOneEvalStep runs it: no folding, NCHW, no_grad
         eager(x_eager)
-        eager_seconds = _best(lambda: eager(x_eager), args.repeats)
+        eager_seconds = _best(partial(eager, x_eager), args.repeats)
     del eager
     computed = flops["counted"]  # includes the fused PAM attention at the width the kernel computes
     useful = computed - flops["pam_computed"] + flops["pam_useful"]
-    result.update({
-        "network_gflop": computed / 1e9,
-        "network_gflop_useful": useful / 1e9,
-        "pam_attention_gflop": flops["pam_computed"] / 1e9,
-        "pam_attention_gflop_useful": flops["pam_useful"] / 1e9,
-        "network_seconds": seconds,
-        "network_seconds_eager": eager_seconds,
-        "fraction_of_peak": computed / seconds / 1e9 / result["matmul_gflops"],
-        "fraction_of_peak_useful": useful / seconds / 1e9 / result["matmul_gflops"],
-        "pam_seconds": pam_seconds,
-        "pam_fraction_of_peak": flops["pam_computed"] / len(STREAMS) / pam_seconds / 1e9 / result["matmul_gflops"],
-    })
+    result.update(
+        {
+            "network_gflop": computed / 1e9,
+            "network_gflop_useful": useful / 1e9,
+            "pam_attention_gflop": flops["pam_computed"] / 1e9,
+            "pam_attention_gflop_useful": flops["pam_useful"] / 1e9,
+            "network_seconds": seconds,
+            "network_seconds_eager": eager_seconds,
+            "fraction_of_peak": computed / seconds / 1e9 / result["matmul_gflops"],
+            "fraction_of_peak_useful": useful / seconds / 1e9 / result["matmul_gflops"],
+            "pam_seconds": pam_seconds,
+            "pam_fraction_of_peak": flops["pam_computed"] / len(STREAMS) / pam_seconds / 1e9 / result["matmul_gflops"],
+        }
+    )
 
     with tempfile.TemporaryDirectory(prefix="spineone_bench_") as tmp:
         data_dir = _generate_study(Path(tmp) / "phantom", args.seed)
         preprocessing = _preprocessing(args.size)
-        passes = [end_to_end_once(net, data_dir, Path(tmp) / "out", preprocessing, channels_last)
-                  for _ in range(1 + args.repeats)]
+        passes = [
+            end_to_end_once(net, data_dir, Path(tmp) / "out", preprocessing, channels_last)
+            for _ in range(1 + args.repeats)
+        ]
         first, best = passes[0], min(passes[1:], key=lambda p: p["end_to_end_seconds"])
         result["end_to_end_first_seconds"] = first["end_to_end_seconds"]
         result["end_to_end"] = best
@@ -500,7 +536,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for impl in PAM_IMPLS:
                 for batch in TRAIN_BATCHES:
                     commands[f"{impl}/{batch}"] = _child_command(
-                        args, "--child", "train", "--impl", impl, "--batch", str(batch))
+                        args, "--child", "train", "--impl", impl, "--batch", str(batch)
+                    )
         children = _run_children(commands, concurrent=args.quick)
     inference = children.pop("inference")
     result["inference_subprocess"] = inference
@@ -519,9 +556,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "train_memory_ratio_fused_over_plain" in result:
         result["targets"]["train_memory_fused_le_quarter_of_plain_whole_process"] = (
-            result["train_memory_ratio_whole_process"] <= 0.25)
+            result["train_memory_ratio_whole_process"] <= 0.25
+        )
         result["targets"]["train_memory_fused_le_quarter_of_plain"] = (
-            result["train_memory_ratio_fused_over_plain"] <= 0.25)
+            result["train_memory_ratio_fused_over_plain"] <= 0.25
+        )
     result["load_average_end"] = list(os.getloadavg())
     return result
 
@@ -538,11 +577,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-repeats", type=int, default=None, help="timed training steps (default 2, 1 with --quick)")
     p.add_argument("--matmul-n", type=int, default=None, help="matmul size (default 4096, 512 with --quick)")
     p.add_argument("--no-train", action="store_true", help="skip the training measurements")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                   help="cpu: the full CPU benchmark (default); "
-                   "cuda: model time per exam and training memory on the GPU")
-    p.add_argument("--exam-batches", type=int, nargs="+", default=[1, 16],
-                   help="with --device cuda: batches for the model time per exam (default 1 16)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu: the full CPU benchmark (default); " "cuda: model time per exam and training memory on the GPU",
+    )
+    p.add_argument(
+        "--exam-batches",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="with --device cuda: batches for the model time per exam (default 1 16)",
+    )
     p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--child", choices=("inference", "train"), help=argparse.SUPPRESS)
@@ -578,8 +625,23 @@ def main(argv: list[str] | None = None) -> None:
     result = run(args)
     out = Path(args.out)
     atomic_write_text(out, json.dumps(result, indent=2))
-    print(json.dumps({k: result[k] for k in ("matmul_gflops", "network_gflop", "network_seconds", "fraction_of_peak",
-                                             "end_to_end_seconds", "peak_rss_mb") if k in result}, indent=2))
+    print(
+        json.dumps(
+            {
+                k: result[k]
+                for k in (
+                    "matmul_gflops",
+                    "network_gflop",
+                    "network_seconds",
+                    "fraction_of_peak",
+                    "end_to_end_seconds",
+                    "peak_rss_mb",
+                )
+                if k in result
+            },
+            indent=2,
+        )
+    )
     print(f"written {out}")
 
 

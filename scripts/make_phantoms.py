@@ -36,16 +36,32 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (missing, empty, or a previous phantom set)")
     ap.add_argument("--studies", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--size-range", type=int, nargs=2, default=(256, 512), metavar=("MIN", "MAX"),
-                    help="range of Rows/Columns in pixels")
-    ap.add_argument("--normal-fraction", type=float, default=None,
-                    help="fraction of normal levels for every condition (default: per condition, ~0.65-0.8)")
+    ap.add_argument(
+        "--size-range",
+        type=int,
+        nargs=2,
+        default=(256, 512),
+        metavar=("MIN", "MAX"),
+        help="range of Rows/Columns in pixels",
+    )
+    ap.add_argument(
+        "--normal-fraction",
+        type=float,
+        default=None,
+        help="fraction of normal levels for every condition (default: per condition, ~0.65-0.8)",
+    )
     ap.add_argument("--workers", type=int, default=1, help="processes rendering studies in parallel")
     args = ap.parse_args(argv)
     try:
         out = generate_phantoms(
-            args.out, args.layout, args.studies, args.seed, min_size=args.size_range[0], max_size=args.size_range[1],
-            class_frequencies=_frequencies(args.normal_fraction), workers=args.workers,
+            args.out,
+            args.layout,
+            args.studies,
+            args.seed,
+            min_size=args.size_range[0],
+            max_size=args.size_range[1],
+            class_frequencies=_frequencies(args.normal_fraction),
+            workers=args.workers,
         )
     except (BundleInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)

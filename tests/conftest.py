@@ -2,21 +2,39 @@
 
 ``monailabel``: tests that start a MONAI Label server. They need the separate environment of
 requirements-monailabel.txt and run only when ``SPINEONE_MONAILABEL=1``; otherwise they are deselected.
+
+``meta_schema``: a copy of the model zoo's metadata schema, taken from the file named by the environment
+variable ``SPINEONE_META_SCHEMA`` (``.ci/run`` points it at the workspace copy). No test reads outside the
+repository by itself: without the variable, the tests that need the schema are skipped with the reason.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+from pathlib import Path
 
 import pytest
 
 OPT_IN = {"monailabel": "SPINEONE_MONAILABEL"}
+SCHEMA_ENV = "SPINEONE_META_SCHEMA"
+
+
+@pytest.fixture
+def meta_schema(tmp_path: Path) -> Path:
+    """The zoo's metadata schema (``meta_schema_20240725.json``), copied into ``tmp_path``."""
+    source = os.environ.get(SCHEMA_ENV, "")
+    if not source:
+        pytest.skip(f"{SCHEMA_ENV} is not set: verify_metadata needs the model-zoo schema file offline")
+    if not Path(source).is_file():
+        pytest.fail(f"{SCHEMA_ENV}={source} does not name a file")
+    return Path(shutil.copy(source, tmp_path / Path(source).name))
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "monailabel: starts a MONAI Label 0.8.5 server (opt-in: SPINEONE_MONAILABEL=1, see docs/README.md, MONAI Label)"
+        "monailabel: starts a MONAI Label 0.8.5 server (opt-in: SPINEONE_MONAILABEL=1, see docs/README.md, MONAI Label)",
     )
 
 

@@ -28,7 +28,10 @@ def report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(out), "--size", "64", "--depth", "18", "--quick"],
-        capture_output=True, text=True, cwd=str(tmp_path_factory.getbasetemp()), timeout=600,
+        capture_output=True,
+        text=True,
+        cwd=str(tmp_path_factory.getbasetemp()),
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(out.read_text())
@@ -39,10 +42,25 @@ def _positive(value) -> bool:
 
 
 def test_report_has_every_key(report):
-    for key in ("matmul_gflops", "conv3x3_gflops", "network_gflop", "pam_attention_gflop", "pam_attention_gflop_useful",
-                "network_gflop_useful", "network_seconds", "network_seconds_eager", "fraction_of_peak",
-                "fraction_of_peak_useful", "end_to_end_seconds", "load_seconds", "preprocess_seconds",
-                "end_to_end_network_seconds", "decode_seconds", "write_seconds", "peak_rss_mb"):
+    for key in (
+        "matmul_gflops",
+        "conv3x3_gflops",
+        "network_gflop",
+        "pam_attention_gflop",
+        "pam_attention_gflop_useful",
+        "network_gflop_useful",
+        "network_seconds",
+        "network_seconds_eager",
+        "fraction_of_peak",
+        "fraction_of_peak_useful",
+        "end_to_end_seconds",
+        "load_seconds",
+        "preprocess_seconds",
+        "end_to_end_network_seconds",
+        "decode_seconds",
+        "write_seconds",
+        "peak_rss_mb",
+    ):
         assert _positive(report[key]), (key, report.get(key))
     assert report["device"] == "cpu" and report["size"] == 64 and report["depth"] == 18
     assert isinstance(report["torch_threads"], int) and report["torch_threads"] >= 1
@@ -56,13 +74,16 @@ def test_report_values_are_consistent(report):
     assert report["pam_attention_gflop"] == pytest.approx(4 * n * n * c / 1e9)
     assert report["pam_attention_gflop_useful"] == pytest.approx(2 * n * n * (c // 8 + c) / 1e9)
     assert report["network_gflop_useful"] == pytest.approx(
-        report["network_gflop"] - report["pam_attention_gflop"] + report["pam_attention_gflop_useful"])
+        report["network_gflop"] - report["pam_attention_gflop"] + report["pam_attention_gflop_useful"]
+    )
     assert report["conv3x3_over_matmul"] == pytest.approx(report["conv3x3_gflops"] / report["matmul_gflops"])
     assert report["fraction_of_peak"] == pytest.approx(
-        report["network_gflop"] / report["network_seconds"] / report["matmul_gflops"])
+        report["network_gflop"] / report["network_seconds"] / report["matmul_gflops"]
+    )
     parts = report["end_to_end"]
-    total = sum(parts[k] for k in ("load_seconds", "preprocess_seconds", "network_seconds", "decode_seconds",
-                                   "write_seconds"))
+    total = sum(
+        parts[k] for k in ("load_seconds", "preprocess_seconds", "network_seconds", "decode_seconds", "write_seconds")
+    )
     assert report["end_to_end_seconds"] == pytest.approx(total, rel=1e-3)
     assert parts["input_shape"] == [7, 64, 64] and parts["num_keypoints"] == 5
     assert report["decode_fraction_of_end_to_end"] == pytest.approx(report["decode_seconds"] / total, rel=1e-3)
@@ -84,9 +105,13 @@ def test_report_training(report):
     ratio = report["train_memory_ratio_fused_over_plain"]
     assert ratio == pytest.approx(fused / plain) if plain > 0 else math.isnan(ratio)
     assert _positive(report["train_memory_ratio_whole_process"])
-    assert set(report["targets"]) >= {"fraction_of_peak_ge_0.7", "inference_peak_rss_lt_2048_mb",
-                                      "decode_le_2pct_of_end_to_end", "end_to_end_le_1.3x_network",
-                                      "train_memory_fused_le_quarter_of_plain"}
+    assert set(report["targets"]) >= {
+        "fraction_of_peak_ge_0.7",
+        "inference_peak_rss_lt_2048_mb",
+        "decode_le_2pct_of_end_to_end",
+        "end_to_end_le_1.3x_network",
+        "train_memory_fused_le_quarter_of_plain",
+    }
     assert all(isinstance(v, bool) for v in report["targets"].values())
 
 
@@ -95,11 +120,19 @@ def test_training_summary_uses_the_extra_sample():
     bench = _load_script()
 
     def child(batch, fixed, per_sample):
-        return {"batch": batch, "peak_rss_mb": fixed + batch * per_sample, "rss_after_import_mb": 800.0,
-                "step_seconds_per_sample": 1.0}
+        return {
+            "batch": batch,
+            "peak_rss_mb": fixed + batch * per_sample,
+            "rss_after_import_mb": 800.0,
+            "step_seconds_per_sample": 1.0,
+        }
 
-    children = {"fused/2": child(2, 2000, 100), "fused/3": child(3, 2000, 100),
-                "plain/2": child(2, 2000, 1000), "plain/3": child(3, 2000, 1000)}
+    children = {
+        "fused/2": child(2, 2000, 100),
+        "fused/3": child(3, 2000, 100),
+        "plain/2": child(2, 2000, 1000),
+        "plain/3": child(3, 2000, 1000),
+    }
     summary = bench.training_summary(children)
     assert summary["train_peak_rss_mb"] == {"fused": pytest.approx(100), "plain": pytest.approx(1000)}
     assert summary["train_memory_ratio_fused_over_plain"] == pytest.approx(0.1)
@@ -140,12 +173,14 @@ def test_device_report_runs_the_gpu_measurements_on_cpu():
     assert all(_positive(v) for v in report["exam_seconds"].values())
     assert report["network_seconds"] == report["exam_seconds"]["1"]
     assert report["fraction_of_peak"] == pytest.approx(
-        report["network_gflop"] / report["network_seconds"] / report["matmul_gflops"])
+        report["network_gflop"] / report["network_seconds"] / report["matmul_gflops"]
+    )
     assert report["train_memory_measure"] == "peak_rss_mb"  # max_memory_allocated_mb on a GPU
     for impl in ("fused", "plain"):
         assert [report["train"][f"{impl}/{b}"]["batch"] for b in (2, 3)] == [2, 3]
         assert report["train_peak_memory_mb"][impl] == pytest.approx(
-            report["train"][f"{impl}/3"]["peak_rss_mb"] - report["train"][f"{impl}/2"]["peak_rss_mb"])
+            report["train"][f"{impl}/3"]["peak_rss_mb"] - report["train"][f"{impl}/2"]["peak_rss_mb"]
+        )
         assert _positive(report["train_step_seconds"][impl])
     # one process's lifetime RSS peak hardly moves between steps here, so the ratio may be NaN (not an error)
     plain = report["train_peak_memory_mb"]["plain"]

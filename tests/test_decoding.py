@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-
 from bundle.codec import pixels_to_mm, target_to_image
 from bundle.decoding import decode_keypoints, hough_voting
 from bundle.streams import StreamSpec, split_output
 from bundle.targets import OCPCTargetsd
+from monai.data import MetaTensor
 
 DISC = StreamSpec("disc", ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"), ("n", "m", "s"))
 VERT = StreamSpec("vertebra", ("L1", "L2", "L3", "L4", "L5"), ("n", "d"))
@@ -112,8 +111,13 @@ def _round_trip_inputs(flip_rows: bool = False, stride: int = 1, radius: float =
     disc = _case(DISC, np.stack([x_d, y_d], 1), [0, 1, 2, 0, 2, 1], affine)
     vert = _case(VERT, np.stack([x_v, y_v], 1), [1, 0, 0, 1, 1], affine)
     image = MetaTensor(torch.zeros(7, size, size), affine=affine)
-    data = {"image": image, "disc_points": disc[1], "disc_labels": disc[2],
-            "vertebra_points": vert[1], "vertebra_labels": vert[2]}
+    data = {
+        "image": image,
+        "disc_points": disc[1],
+        "disc_labels": disc[2],
+        "vertebra_points": vert[1],
+        "vertebra_labels": vert[2],
+    }
     out = OCPCTargetsd(streams=[DISC, VERT], radius=radius, stride=stride)(data)
     return affine, disc, vert, out
 
@@ -148,9 +152,15 @@ def test_round_trip_full_output_tensor_and_batched_affines():
     output = torch.cat([dl, do, vl, vo], 1).repeat(2, 1, 1, 1)
     parts = split_output(output, {"disc": 3, "vertebra": 2})
     assert torch.equal(parts["vertebra"][1], vo.repeat(2, 1, 1, 1))
-    res = decode_keypoints(output, {"disc": {"levels": DISC.levels, "classes": DISC.classes},
-                                    "vertebra": {"levels": VERT.levels, "classes": VERT.classes}},
-                           upsample=1, affine=torch.stack([affine, affine]))
+    res = decode_keypoints(
+        output,
+        {
+            "disc": {"levels": DISC.levels, "classes": DISC.classes},
+            "vertebra": {"levels": VERT.levels, "classes": VERT.classes},
+        },
+        upsample=1,
+        affine=torch.stack([affine, affine]),
+    )
     assert len(res) == 2
     for r in res:
         _check(r["disc"], DISC, disc[0], disc[1], disc[2], tol=0.01)

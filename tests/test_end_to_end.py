@@ -15,13 +15,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bundle.phantoms import PHI_MARKER
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-TRAIN = "python -m monai.bundle run training --meta_file configs/metadata.json --config_file \"['configs/train.json','configs/demo.json']\" --logging_file configs/logging.conf"
-INFER = "python -m monai.bundle run --meta_file configs/metadata.json --config_file \"['configs/inference.json','configs/demo.json']\" --logging_file configs/logging.conf"
+TRAIN = (
+    "python -m monai.bundle run training --meta_file configs/metadata.json"
+    " --config_file \"['configs/train.json','configs/demo.json']\" --logging_file configs/logging.conf"
+)
+INFER = (
+    "python -m monai.bundle run --meta_file configs/metadata.json"
+    " --config_file \"['configs/inference.json','configs/demo.json']\" --logging_file configs/logging.conf"
+)
 
 
 def _run(args: list[str], root: Path, log: Path) -> str:
@@ -48,13 +53,32 @@ def demo(tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle_root")
     logs = {"train": _run(_bundle(TRAIN) + ["--bundle_root", str(root)], root, root / "train.log")}
     heldout = root / "heldout"
-    _run([sys.executable, "scripts/make_phantoms.py", "--layout", "rsna", "--out", str(heldout), "--studies", "20",
-          "--seed", "7"], root, root / "phantoms.log")
-    evaluate = ("python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json',"
-                "'configs/demo.json']\" --logging_file configs/logging.conf")
+    _run(
+        [
+            sys.executable,
+            "scripts/make_phantoms.py",
+            "--layout",
+            "rsna",
+            "--out",
+            str(heldout),
+            "--studies",
+            "20",
+            "--seed",
+            "7",
+        ],
+        root,
+        root / "phantoms.log",
+    )
+    evaluate = (
+        "python -m monai.bundle run --config_file \"['configs/train.json','configs/evaluate.json',"
+        "'configs/demo.json']\" --logging_file configs/logging.conf"
+    )
     logs["evaluate"] = _run(
-        _bundle(evaluate) + ["--bundle_root", str(root), "--dataset_dir", str(heldout), "--output_dir",
-                             str(root / "eval_heldout")], root, root / "evaluate.log")
+        _bundle(evaluate)
+        + ["--bundle_root", str(root), "--dataset_dir", str(heldout), "--output_dir", str(root / "eval_heldout")],
+        root,
+        root / "evaluate.log",
+    )
     logs["infer"] = _run(_bundle(INFER) + ["--bundle_root", str(root)], root, root / "infer.log")
     return root, logs
 
@@ -63,8 +87,17 @@ def test_demo_model_reaches_acceptance_on_heldout_phantoms(demo):
     root, _ = demo
     metrics = json.loads((root / "eval_heldout" / "metrics.json").read_text())
     disc = metrics["streams"]["disc"]
-    print(json.dumps({"pck": disc["pck"], "macro_f1": disc["macro_f1"], "micro_precision": disc["micro_precision"],
-                      "rsna": metrics.get("rsna")}, indent=1))
+    print(
+        json.dumps(
+            {
+                "pck": disc["pck"],
+                "macro_f1": disc["macro_f1"],
+                "micro_precision": disc["micro_precision"],
+                "rsna": metrics.get("rsna"),
+            },
+            indent=1,
+        )
+    )
     assert disc["pck"]["6"] >= 0.95
     assert disc["macro_f1"] >= 0.85
     assert set(disc["confusion_matrix"][0]) and len(disc["confusion_matrix"]) == 3

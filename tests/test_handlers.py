@@ -8,8 +8,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from ignite.engine import Engine, Events
-
 from bundle.handlers import (
     KeypointDetectionMetric,
     ObjectiveAssociationHandler,
@@ -20,6 +18,7 @@ from bundle.handlers import (
 from bundle.losses import SpineOneLoss
 from bundle.outputs import KeypointsWriter, keypoints_to_pixels, read_rsna_prior
 from bundle.streams import RSNA_STREAMS
+from ignite.engine import Engine, Events
 
 
 def _run_epochs(handler: ObjectiveAssociationHandler, max_epochs: int) -> list[bool]:
@@ -149,7 +148,11 @@ def test_keypoint_metric_uses_in_plane_distance():
     gt_off_plane = gt + 9.0 * normal  # 9 mm out of plane: still a hit in-plane
     labels = np.array([0, 1, 2, 0, -1])
     predicted = [
-        {"level_index": i, "label": int(max(labels[i], 0)), "mm": gt[i].tolist() if i != 3 else (gt[i] + [0, 0, 20]).tolist()}
+        {
+            "level_index": i,
+            "label": int(max(labels[i], 0)),
+            "mm": gt[i].tolist() if i != 3 else (gt[i] + [0, 0, 20]).tolist(),
+        }
         for i in range(5)
     ]
     metric = KeypointDetectionMetric({"disc": {"levels": spec.levels, "classes": spec.classes}})
@@ -169,8 +172,11 @@ def _item_with_meta(affine: np.ndarray, middle_file: str):
     from monai.data import MetaTensor
 
     meta = {"original_affine": affine, "middle_instance_number": 8, "middle_filename": middle_file}
-    return {"image": MetaTensor(torch.zeros(7, 4, 4), affine=torch.as_tensor(affine), meta=meta), "study_id": "42",
-            "series_id": "7"}
+    return {
+        "image": MetaTensor(torch.zeros(7, 4, 4), affine=torch.as_tensor(affine), meta=meta),
+        "study_id": "42",
+        "series_id": "7",
+    }
 
 
 def test_keypoints_writer_json_and_submission(tmp_path):
@@ -178,9 +184,16 @@ def test_keypoints_writer_json_and_submission(tmp_path):
     spec = RSNA_STREAMS[0]
     predicted = {
         "disc": [
-            {"level": lvl, "level_index": i, "label": i % 3, "probabilities": [0.7, 0.2, 0.1] if i % 3 == 0 else
-             [0.1, 0.6, 0.3] if i % 3 == 1 else [0.05, 0.15, 0.8], "score": 0.9,
-             "mm": (affine @ np.array([20.0 + 10 * i, 30.0, 0.0, 1.0]))[:3].tolist()}
+            {
+                "level": lvl,
+                "level_index": i,
+                "label": i % 3,
+                "probabilities": (
+                    [0.7, 0.2, 0.1] if i % 3 == 0 else [0.1, 0.6, 0.3] if i % 3 == 1 else [0.05, 0.15, 0.8]
+                ),
+                "score": 0.9,
+                "mm": (affine @ np.array([20.0 + 10 * i, 30.0, 0.0, 1.0]))[:3].tolist(),
+            }
             for i, lvl in enumerate(spec.levels)
         ]
     }

@@ -16,19 +16,18 @@ import pydicom
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_fixtures import AXIAL_IOP, SAGITTAL_IOP, normal_of, write_series  # noqa: E402
-
 from bundle.errors import BundleInputError  # noqa: E402
 from bundle.io import (  # noqa: E402
     build_rsna_datalist,
-    check_series,
     build_tianchi_datalist,
+    check_series,
     load_sagittal_series,
     read_datalist,
     split_folds,
     write_datalist,
 )
 from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS  # noqa: E402
+from dicom_fixtures import AXIAL_IOP, SAGITTAL_IOP, normal_of, write_series  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = ["l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1"]
@@ -97,7 +96,7 @@ def make_rsna(root: Path) -> dict:
 
 
 def test_rsna_items(tmp_path, caplog):
-    info = make_rsna(tmp_path)
+    make_rsna(tmp_path)
     with caplog.at_level(logging.WARNING):
         items = build_rsna_datalist(tmp_path)
     assert "study 7" in caplog.text  # skipped: no Sagittal T2/STIR
@@ -177,8 +176,13 @@ def make_tianchi(root: Path) -> dict:
     )
     for name, number, iop, desc, n in kinds:
         paths = write_series(
-            root / "tmp" / name, n_slices=n, iop=iop, study_uid=study_uid, series_uid=f"1.2.3.{number}",
-            description=desc, name_by_instance=False,
+            root / "tmp" / name,
+            n_slices=n,
+            iop=iop,
+            study_uid=study_uid,
+            series_uid=f"1.2.3.{number}",
+            description=desc,
+            name_by_instance=False,
         )
         moved = []
         for p in paths:
@@ -238,8 +242,10 @@ def test_tianchi_items(tmp_path):
 def test_tianchi_class_map_and_streams(tmp_path):
     info = make_tianchi(tmp_path)
     cmap = {"vertebra": {"v1": 0, "v2": 1}, "disc": {"v1": 0, "v2": 1, "v3": 1, "v4": 1, "v5": 0}}
-    streams = {"disc": {"levels": ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"], "classes": ["n", "d"]},
-               "vertebra": {"levels": ["L1", "L2", "L3", "L4", "L5"], "classes": ["n", "d"]}}
+    streams = {
+        "disc": {"levels": ["L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"], "classes": ["n", "d"]},
+        "vertebra": {"levels": ["L1", "L2", "L3", "L4", "L5"], "classes": ["n", "d"]},
+    }
     item = build_tianchi_datalist(info["images"], info["json"], class_map=cmap, streams=streams)[0]
     # T12-L1 is dropped (not a configured level); "v1,v5" -> 0 now; no "" entry, so nothing empty is left
     assert item["keypoints"]["disc"]["label"] == [0, 1, 1, 0, 1]
@@ -280,8 +286,14 @@ def synthetic_items(n: int) -> list[dict]:
     items = []
     for i in range(n):
         worst = 2 if i % 10 == 0 else (1 if i % 3 == 0 else 0)
-        items.append({"image": f"s{i}", "study_id": f"{i}", "series_id": "1",
-                      "keypoints": {"disc": {"mm": [None], "label": [0, worst, -1]}}})
+        items.append(
+            {
+                "image": f"s{i}",
+                "study_id": f"{i}",
+                "series_id": "1",
+                "keypoints": {"disc": {"mm": [None], "label": [0, worst, -1]}},
+            }
+        )
     extra = {"image": "s0b", "study_id": "0", "series_id": "2", "keypoints": {"disc": {"mm": [None], "label": [0]}}}
     items.append(extra)
     return items
@@ -342,8 +354,19 @@ def run_cli(*args: str, subprocess_run: bool = False) -> tuple[int, str]:
 def test_cli_rsna_and_tianchi(tmp_path):
     make_rsna(tmp_path / "rsna")
     out = tmp_path / "rsna.json"
-    code, stderr = run_cli("--format", "rsna", "--root", str(tmp_path / "rsna"), "--out", str(out), "--folds", "2",
-                           "--fold", "1", subprocess_run=True)
+    code, stderr = run_cli(
+        "--format",
+        "rsna",
+        "--root",
+        str(tmp_path / "rsna"),
+        "--out",
+        str(out),
+        "--folds",
+        "2",
+        "--fold",
+        "1",
+        subprocess_run=True,
+    )
     assert code == 0, stderr
     content = read_datalist(out)
     assert sorted(it["study_id"] for it in content["training"] + content["validation"]) == sorted([BIG_ID, "8"])
@@ -354,8 +377,18 @@ def test_cli_rsna_and_tianchi(tmp_path):
 
     info = make_tianchi(tmp_path / "tc")
     out = tmp_path / "tc.json"
-    code, stderr = run_cli("--format", "tianchi", "--root", str(info["images"]), "--annotation", str(info["json"]),
-                           "--out", str(out), "--folds", "2")
+    code, stderr = run_cli(
+        "--format",
+        "tianchi",
+        "--root",
+        str(info["images"]),
+        "--annotation",
+        str(info["json"]),
+        "--out",
+        str(out),
+        "--folds",
+        "2",
+    )
     assert code == 0, stderr
     content = read_datalist(out)
     assert content["format"] == "tianchi" and set(content["streams"]) == {"disc", "vertebra"}

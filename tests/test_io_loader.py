@@ -13,8 +13,6 @@ from monai import transforms as mt
 from pydicom.encaps import encapsulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_fixtures import AXIAL_IOP, make_image, normal_of, save, slice_pattern, write_series  # noqa: E402
-
 from bundle.errors import BundleInputError  # noqa: E402
 from bundle.io import (  # noqa: E402
     InPlaneSpacingd,
@@ -24,6 +22,7 @@ from bundle.io import (  # noqa: E402
     pixel_to_patient,
     read_slice_headers,
 )
+from dicom_fixtures import AXIAL_IOP, make_image, normal_of, save, slice_pattern, write_series  # noqa: E402
 
 OBLIQUE_IOP = (0.0, 0.98, 0.19899748742132, 0.0, 0.19899748742132, -0.98)  # sagittal tilted ~11.5 deg
 
@@ -247,5 +246,5 @@ def test_monai_spacingd_cannot_handle_sagittal_affine(tmp_path):
     """Why InPlaneSpacingd exists: MONAI's 2D Spacing uses the affine's world-x/y block, singular here."""
     write_series(tmp_path / "s", n_slices=3)
     img = load_sagittal_series(tmp_path / "s")
-    with pytest.raises(Exception):
+    with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         mt.Spacingd("image", pixdim=(0.4375, 0.4375))({"image": img})

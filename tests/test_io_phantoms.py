@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from bundle.io import (
     build_rsna_datalist,
     build_tianchi_datalist,
@@ -53,8 +52,18 @@ def test_prepare_datalist_both_layouts(phantoms, tmp_path):
 
     out = tmp_path / "tianchi.json"
     root = phantoms["tianchi"]
-    code = prepare("--format", "tianchi", "--root", str(root / "lumbar_train"),
-                   "--annotation", str(root / "lumbar_train_annotation.json"), "--out", str(out), "--folds", "3")
+    code = prepare(
+        "--format",
+        "tianchi",
+        "--root",
+        str(root / "lumbar_train"),
+        "--annotation",
+        str(root / "lumbar_train_annotation.json"),
+        "--out",
+        str(out),
+        "--folds",
+        "3",
+    )
     assert code == 0
     content = read_datalist(out)
     items = content["training"] + content["validation"]

@@ -14,10 +14,9 @@ from PIL import Image
 from pydicom.encaps import encapsulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_fixtures import make_image, save  # noqa: E402
-
 from bundle.errors import BundleInputError  # noqa: E402
 from bundle.io import read_dicom_pixels, read_header  # noqa: E402
+from dicom_fixtures import make_image, save  # noqa: E402
 
 
 def _testfile(name: str) -> str:

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_fixtures import AXIAL_IOP, write_series  # noqa: E402
-
 from bundle.errors import BundleInputError  # noqa: E402
 from bundle.io import select_sagittal_t2, weighting  # noqa: E402
+from dicom_fixtures import AXIAL_IOP, write_series  # noqa: E402
 
 STUDY = "1.2.826.0.1.77"
 
@@ -26,8 +25,14 @@ def write_study(folder: Path, spec: list[tuple[str, str, tuple, int]]) -> dict[s
     out = {}
     for i, (uid, desc, iop, value) in enumerate(spec):
         paths = write_series(
-            folder / f"tmp{i}", n_slices=4, iop=iop, series_uid=uid, study_uid=STUDY, description=desc,
-            pixel_fn=constant(value), seed=i,
+            folder / f"tmp{i}",
+            n_slices=4,
+            iop=iop,
+            series_uid=uid,
+            study_uid=STUDY,
+            description=desc,
+            pixel_fn=constant(value),
+            seed=i,
         )
         moved = []
         for p in paths:

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from monai.data import MetaTensor
-
 from bundle.losses import SpineOneLoss, oa_weights, total_loss
+from monai.data import MetaTensor
 
 
 def _sig(x: float) -> float:
@@ -117,11 +116,11 @@ def test_no_offset_loss_switch():
 
 def test_target_validation():
     loss = SpineOneLoss({"disc": 1})
+    partial = {"disc_heatmap": torch.zeros(1, 1, 2, 2), "disc_offset": torch.zeros(1, 2, 2, 2)}
     with pytest.raises(KeyError, match="disc_offset_mask"):
-        partial = {"disc_heatmap": torch.zeros(1, 1, 2, 2), "disc_offset": torch.zeros(1, 2, 2, 2)}
         loss(torch.zeros(1, 3, 2, 2), partial)
+    bad = _targets(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match="disc_offset"):
-        bad = _targets(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
         loss(torch.zeros(1, 3, 2, 2), bad)
 
 

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-
 from bundle.metrics import KeypointMetric, keypoint_scores, plot_confusion_matrix, plot_pck_curve
 from bundle.streams import TIANCHI_STREAMS, StreamSpec
 

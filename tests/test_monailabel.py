@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor
-
 from bundle.decoding import decode_keypoints
 from bundle.monailabel import KeypointsToLabeld, label_values
 from bundle.streams import split_output
+from monai.data import MetaTensor
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = {
@@ -141,16 +140,26 @@ def _request(url: str, method: str = "GET", timeout: float = 120.0) -> bytes:
 @pytest.mark.monailabel
 def test_monailabel_server_infers_keypoints(tmp_path):
     import nibabel as nib
-
     from bundle import SpineOne, find_studies
     from bundle.phantoms import generate_phantoms
 
     python = os.environ.get("SPINEONE_MONAILABEL_PYTHON", sys.executable)
     app = tmp_path / "apps" / "monaibundle"
     subprocess.run(
-        [python, "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle",
-         "--output", str(tmp_path / "apps")],
-        check=True, capture_output=True, timeout=120,
+        [
+            python,
+            "-m",
+            "monailabel.main",
+            "apps",
+            "--download",
+            "--name",
+            "monaibundle",
+            "--output",
+            str(tmp_path / "apps"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
     )
     model_dir = app / "model" / "spineone"
     packager = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(model_dir)]
@@ -175,10 +184,36 @@ def test_monailabel_server_infers_keypoints(tmp_path):
     env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]', "PYTHONPATH": str(model_dir)}
     log = open(tmp_path / "server.log", "w")
     server = subprocess.Popen(
-        [python, "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-         "--conf", "models", "spineone", "--conf", "zoo_source", "local", "--conf", "sam2", "false",
-         "--conf", "skip_trainers", "true", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        [
+            python,
+            "-m",
+            "monailabel.main",
+            "start_server",
+            "--app",
+            str(app),
+            "--studies",
+            str(studies),
+            "--conf",
+            "models",
+            "spineone",
+            "--conf",
+            "zoo_source",
+            "local",
+            "--conf",
+            "sam2",
+            "false",
+            "--conf",
+            "skip_trainers",
+            "true",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:

@@ -13,8 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
 from bundle.networks import (
     ASPP,
     ChannelAttention,
@@ -27,6 +25,7 @@ from bundle.networks import (
 )
 from bundle.networks import deeplab as deeplab_module
 from bundle.streams import split_output
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -166,8 +165,7 @@ def test_fused_pam_runs_a_fused_cpu_kernel():
 
 def test_fused_pam_does_not_materialise_attention():
     """128 x 128 map: N = 16384, the N x N float32 attention alone would be 1 GiB; fused must stay far below."""
-    script = textwrap.dedent(
-        """
+    script = textwrap.dedent("""
         import resource, torch
         from bundle.networks.attention import PositionAttention
         torch.set_num_threads(2)
@@ -180,8 +178,7 @@ def test_fused_pam_does_not_materialise_attention():
             out = pam(x)
             after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print((after - before) / 1024.0, bool(torch.isfinite(out).all()))
-        """
-    )
+        """)
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
@@ -342,7 +339,8 @@ def test_stream_head_attention_options():
     bare = StreamHead(2, attention=())
     assert bare.pam is None and bare.cam is None
     bare.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith(("pam.", "cam."))})
-    full.eval(), bare.eval()
+    full.eval()
+    bare.eval()
     with torch.no_grad():
         # gamma = 0: PAM(x) + CAM(x) = 2x, while no attention passes x itself
         torch.testing.assert_close(full(x / 2), bare(x))

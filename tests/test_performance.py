@@ -11,13 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dicom_fixtures import slice_pattern, write_series  # noqa: E402
-
 from bundle.decoding import _max_filter, decode_keypoints, hough_voting  # noqa: E402
 from bundle.io import load_sagittal_series  # noqa: E402
 from bundle.io.pixels import read_dicom_pixels  # noqa: E402
 from bundle.networks import SpineOne, fuse_for_inference  # noqa: E402
 from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
+from dicom_fixtures import slice_pattern, write_series  # noqa: E402
 
 
 def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -87,7 +86,9 @@ def test_hough_voting_matches_autograd_splat():
     canvas = torch.zeros(2, 1, 7, 9, requires_grad=True)
     cols, rows = torch.arange(9.0), torch.arange(7.0).view(7, 1)
     o = off.reshape(2, 2, 7, 9)
-    grid = torch.stack([(o[:, 0] + cols) * (2.0 / 9) + (1.0 / 9 - 1.0), (o[:, 1] + rows) * (2.0 / 7) + (1.0 / 7 - 1.0)], -1)
+    grid = torch.stack(
+        [(o[:, 0] + cols) * (2.0 / 9) + (1.0 / 9 - 1.0), (o[:, 1] + rows) * (2.0 / 7) + (1.0 / 7 - 1.0)], -1
+    )
     grid = torch.nan_to_num(grid, nan=-3.0).clamp(-3.0, 3.0)
     sampled = F.grid_sample(canvas, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     (ref,) = torch.autograd.grad(sampled, canvas, grad_outputs=p.reshape(2, 1, 7, 9))

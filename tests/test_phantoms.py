@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-
 from bundle.errors import BundleInputError
 from bundle.phantoms import PHI_MARKER, RSNA_CONDITIONS, check_class_frequencies, generate_phantoms, phantom_study
 from bundle.phantoms.anatomy import DISC_NAMES
@@ -197,8 +196,10 @@ def test_tianchi_layout_annotation(tianchi_set):
         descs = {h.SeriesDescription for h in headers}
         assert len(descs) == 3 and len(descs & {"T1_SAG", "SAG T1 FSE"}) == 1 and "T2_TRA" in descs
         d = item["data"][0]
-        sag = sorted((h for h in headers if h.SeriesInstanceUID == d["seriesUid"]),
-                     key=lambda h: np.array([float(v) for v in h.ImagePositionPatient]) @ _geometry(h)[3])
+        sag = sorted(
+            (h for h in headers if h.SeriesInstanceUID == d["seriesUid"]),
+            key=lambda h: np.array([float(v) for v in h.ImagePositionPatient]) @ _geometry(h)[3],
+        )
         middle = sag[(len(sag) - 1) // 2]
         assert d["instanceUid"] == middle.SOPInstanceUID and "T2" in middle.SeriesDescription.upper()
         points = d["annotation"][0]["data"]["point"]
@@ -351,8 +352,21 @@ def test_refuses_foreign_or_stale_folders(tmp_path):
 def test_cli(tmp_path, capsys):
     out = tmp_path / "cli"
     script = ROOT / "scripts" / "make_phantoms.py"
-    args = ["--layout", "rsna", "--out", str(out), "--studies", "1", "--seed", "0", "--size-range", "64", "80",
-            "--normal-fraction", "0.5"]
+    args = [
+        "--layout",
+        "rsna",
+        "--out",
+        str(out),
+        "--studies",
+        "1",
+        "--seed",
+        "0",
+        "--size-range",
+        "64",
+        "80",
+        "--normal-fraction",
+        "0.5",
+    ]
     res = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr  # runs from any working directory
     assert (out / "train.csv").is_file() and list(out.rglob("*.dcm"))

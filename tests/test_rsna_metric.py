@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from bundle.errors import BundleInputError
 from bundle.rsna_metric import (
     LABEL_COLUMNS,
@@ -27,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _solution_row(study: str, **labels: str) -> dict[str, str]:
-    row = {"study_id": study, **{c: "" for c in LABEL_COLUMNS}}
+    row = {"study_id": study, **dict.fromkeys(LABEL_COLUMNS, "")}
     row.update(labels)
     return row
 

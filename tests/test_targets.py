@@ -7,13 +7,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.data import MetaTensor, list_data_collate
-from monai.transforms import Flipd
-
 from bundle.codec import encode_ocpc, image_to_target, mm_to_pixels, pixels_to_mm, target_to_image
 from bundle.errors import BundleInputError
 from bundle.streams import StreamSpec
 from bundle.targets import KeypointsToArraysd, OCPCTargetsd
+from monai.data import MetaTensor, list_data_collate
+from monai.transforms import Flipd
 
 NAN = float("nan")
 SPEC = StreamSpec("disc", ("a", "b", "c"), ("n", "m", "s"))
@@ -159,8 +158,10 @@ def test_keypoints_to_arrays_and_collate():
     t = KeypointsToArraysd(streams=streams)
     item = {
         "study_id": "s1",
-        "keypoints": {"disc": {"mm": [[1, 2, 3], None, [4.5, 5, 6]], "label": [1, 0, -1]},
-                      "vertebra": {"mm": [None], "label": [-1]}},
+        "keypoints": {
+            "disc": {"mm": [[1, 2, 3], None, [4.5, 5, 6]], "label": [1, 0, -1]},
+            "vertebra": {"mm": [None], "label": [-1]},
+        },
     }
     out = t(item)
     assert "keypoints" not in out

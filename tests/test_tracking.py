@@ -34,8 +34,10 @@ def test_mlflow_tracking_settings_log_every_loss_part():
 
 @pytest.mark.parametrize(
     "tracking, experiment, logged",
-    [("mlflow", "monai_experiment", {"train_loss", "val_score"}),
-     ("configs/mlflow_tracking.json", "spineone", {"total", "disc_heatmap", "disc_offset", "val_score"})],
+    [
+        ("mlflow", "monai_experiment", {"train_loss", "val_score"}),
+        ("configs/mlflow_tracking.json", "spineone", {"total", "disc_heatmap", "disc_offset", "val_score"}),
+    ],
 )
 def test_mlflow_run_writes_local_store(tmp_path, tracking, experiment, logged):
     from mlflow.tracking import MlflowClient
@@ -43,14 +45,52 @@ def test_mlflow_run_writes_local_store(tmp_path, tracking, experiment, logged):
     tracking = tracking if tracking == "mlflow" else str(ROOT / tracking)
     out = tmp_path / "out"
     configs = f"['{ROOT}/configs/train.json','{ROOT}/configs/demo.json']"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", f"{ROOT}/configs/metadata.json",
-           "--config_file", configs, "--bundle_root", str(ROOT), "--ckpt_dir", str(out / "models"),
-           "--output_dir", str(out / "eval"), "--phantom_dir", str(tmp_path / "phantoms"), "--phantom_studies", "6",
-           "--phantom_max_size", "256", "--backbone_depth", "18", "--input_size", "64", "--pixdim", "4.375",
-           "--max_epochs", "1", "--batch_size", "2", "--num_workers", "0", "--cache_rate", "0",
-           "--tracking", tracking]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(ROOT), "MLFLOW_DISABLE_TELEMETRY": "true",
-           "DO_NOT_TRACK": "true"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--meta_file",
+        f"{ROOT}/configs/metadata.json",
+        "--config_file",
+        configs,
+        "--bundle_root",
+        str(ROOT),
+        "--ckpt_dir",
+        str(out / "models"),
+        "--output_dir",
+        str(out / "eval"),
+        "--phantom_dir",
+        str(tmp_path / "phantoms"),
+        "--phantom_studies",
+        "6",
+        "--phantom_max_size",
+        "256",
+        "--backbone_depth",
+        "18",
+        "--input_size",
+        "64",
+        "--pixdim",
+        "4.375",
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "2",
+        "--num_workers",
+        "0",
+        "--cache_rate",
+        "0",
+        "--tracking",
+        tracking,
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "2",
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from bundle.errors import BundleInputError
 from bundle.phantoms import generate_phantoms
 from bundle.studies import find_studies
@@ -125,43 +124,83 @@ def test_demo_overrides_only_top_level_keys_of_every_workflow():
     assert {"ckpt_dir", "backbone_depth", "pixdim", "input_size", "radius", "batch_size"} <= shared
     from monai.bundle import ConfigParser
 
-    for files in (["train.json", "demo.json"], ["train.json", "evaluate.json", "demo.json"], ["inference.json", "demo.json"]):
+    for files in (
+        ["train.json", "demo.json"],
+        ["train.json", "evaluate.json", "demo.json"],
+        ["inference.json", "demo.json"],
+    ):
         parser = ConfigParser()
         parser.read_config([str(CONFIGS / f) for f in files])
         assert parser.get_parsed_content("backbone_depth") == 18
         assert parser["ckpt_dir"].endswith("/models/demo'")
 
 
-def test_metadata_verifies_against_offline_schema(tmp_path):
-    schema = ROOT.parent / "shared" / "monai" / "meta_schema_20240725.json"
-    if not schema.is_file():
-        pytest.fail(f"the model-zoo schema copy is missing at {schema}")
-    local = tmp_path / "schema.json"
-    local.write_bytes(schema.read_bytes())
+def test_metadata_verifies_against_offline_schema(meta_schema):
+    local = meta_schema
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"),
-         "--filepath", str(local)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_metadata",
+            "--meta_file",
+            str(CONFIGS / "metadata.json"),
+            "--filepath",
+            str(local),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "metadata is verified with no error" in result.stdout + result.stderr
 
 
-TINY = ["--backbone_depth", "18", "--pixdim", "4.375", "--input_size", "64", "--batch_size", "2", "--num_workers", "0",
-        "--phantom_studies", "5", "--phantom_max_size", "256", "--radius", "2.0", "--learning_rate", "0.0005"]
+TINY = [
+    "--backbone_depth",
+    "18",
+    "--pixdim",
+    "4.375",
+    "--input_size",
+    "64",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "0",
+    "--phantom_studies",
+    "5",
+    "--phantom_max_size",
+    "256",
+    "--radius",
+    "2.0",
+    "--learning_rate",
+    "0.0005",
+]
 
 
 def _bundle_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "monai.bundle", "run", *args, "--bundle_root", str(tmp_path), *TINY],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
     )
 
 
 def test_tiny_training_resumes_from_last_full_state(tmp_path):
-    train = ["training", "--meta_file", "configs/metadata.json", "--config_file", "configs/train.json",
-             "--logging_file", "configs/logging.conf"]
+    train = [
+        "training",
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/train.json",
+        "--logging_file",
+        "configs/logging.conf",
+    ]
     first = _bundle_run(tmp_path, *train, "--max_epochs", "1")
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     state = tmp_path / "models" / "checkpoint.pt"
@@ -186,15 +225,31 @@ def test_tiny_tianchi_train_evaluate_infer(tmp_path):
     fmt = ["--dataset_format", "tianchi"]
     train = _bundle_run(tmp_path, "training", "--config_file", "configs/train.json", "--max_epochs", "1", *fmt)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    evaluate = _bundle_run(tmp_path, "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
-                           "--output_dir", str(tmp_path / "ev"), *fmt)
+    evaluate = _bundle_run(
+        tmp_path,
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+        "--output_dir",
+        str(tmp_path / "ev"),
+        *fmt,
+    )
     assert evaluate.returncode == 0, evaluate.stdout[-3000:] + evaluate.stderr[-3000:]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert set(metrics["streams"]) == {"disc", "vertebra"}
     assert metrics["streams"]["vertebra"]["class_names"] == ["Normal", "Degenerative"]
     assert "rsna" not in metrics and not (tmp_path / "ev" / "predictions" / "submission.csv").exists()
-    infer = _bundle_run(tmp_path, "run", "--config_file", "configs/inference.json", "--output_dir",
-                        str(tmp_path / "inf"), "--dataset_dir", str(tmp_path / "data" / "phantoms_tianchi"), *fmt)
+    infer = _bundle_run(
+        tmp_path,
+        "run",
+        "--config_file",
+        "configs/inference.json",
+        "--output_dir",
+        str(tmp_path / "inf"),
+        "--dataset_dir",
+        str(tmp_path / "data" / "phantoms_tianchi"),
+        *fmt,
+    )
     assert infer.returncode == 0, infer.stdout[-3000:] + infer.stderr[-3000:]
     content = json.loads((tmp_path / "inf" / "study0" / "keypoints.json").read_text())
     levels = {(k["stream"], k["level"]) for k in content["keypoints"]}

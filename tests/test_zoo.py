@@ -9,37 +9,41 @@ import subprocess
 import sys
 from pathlib import Path
 
+import bundle
 import pytest
 import torch
 import yaml
 from monai.bundle import verify_metadata, verify_net_in_out
 
-import bundle
-
 ROOT = Path(__file__).resolve().parents[1]
-SCHEMA_NAME = "meta_schema_20240725.json"
-TINY = ["--backbone_depth", "18", "--input_size", "64", "--pixdim", "4.375", "--max_epochs", "1", "--batch_size", "2",
-        "--num_workers", "0", "--phantom_studies", "6", "--phantom_max_size", "256", "--cache_rate", "0"]
-
-
-def _schema(tmp_path: Path) -> Path:
-    """A copy of the zoo's metadata schema (kept in the workspace's shared/monai/ beside the repository)."""
-    candidates = [os.environ.get("SPINEONE_META_SCHEMA", ""), ROOT.parent / "shared" / "monai" / SCHEMA_NAME,
-                  Path("/work/shared/monai") / SCHEMA_NAME]
-    for candidate in candidates:
-        if candidate and Path(candidate).is_file():
-            copy = tmp_path / SCHEMA_NAME
-            copy.write_text(Path(candidate).read_text())
-            return copy
-    pytest.skip(f"{SCHEMA_NAME} not found (set SPINEONE_META_SCHEMA); verify_metadata needs it offline")
+TINY = [
+    "--backbone_depth",
+    "18",
+    "--input_size",
+    "64",
+    "--pixdim",
+    "4.375",
+    "--max_epochs",
+    "1",
+    "--batch_size",
+    "2",
+    "--num_workers",
+    "0",
+    "--phantom_studies",
+    "6",
+    "--phantom_max_size",
+    "256",
+    "--cache_rate",
+    "0",
+]
 
 
 def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "2", **extra}
 
 
-def test_metadata_passes_schema_and_zoo_rules(tmp_path):
-    schema = _schema(tmp_path)
+def test_metadata_passes_schema_and_zoo_rules(tmp_path, meta_schema):
+    schema = meta_schema
     verify_metadata(meta_file=str(ROOT / "configs" / "metadata.json"), filepath=str(schema))
     meta = json.loads((ROOT / "configs" / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"] and meta["version"] == bundle.__version__
@@ -48,7 +52,7 @@ def test_metadata_passes_schema_and_zoo_rules(tmp_path):
     broken = dict(meta)
     del broken["network_data_format"]
     (tmp_path / "broken.json").write_text(json.dumps(broken))
-    with pytest.raises(Exception):  # the schema check is real: a required key missing fails
+    with pytest.raises(ValueError, match="'network_data_format' is a required property"):  # the check is real
         verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
@@ -70,10 +74,24 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
     torch.manual_seed(0)
     net = bundle.SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
     torch.save(net.state_dict(), tmp_path / "model.pt")
-    cmd = [sys.executable, "-m", "monai.bundle", "ckpt_export", "--net_id", "network_def", "--filepath",
-           str(tmp_path / "model.ts"), "--ckpt_file", str(tmp_path / "model.pt"),
-           "--meta_file", "configs/metadata.json",
-           "--config_file", "configs/inference.json", "--backbone_depth", "18"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "ckpt_export",
+        "--net_id",
+        "network_def",
+        "--filepath",
+        str(tmp_path / "model.ts"),
+        "--ckpt_file",
+        str(tmp_path / "model.pt"),
+        "--meta_file",
+        "configs/metadata.json",
+        "--config_file",
+        "configs/inference.json",
+        "--backbone_depth",
+        "18",
+    ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env(), timeout=120)
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
     net.eval()
@@ -95,9 +113,19 @@ def test_package_contents_and_large_files(tmp_path, monkeypatch):
     packager = _packager()
     out = tmp_path / "pkg"
     files = packager.package(ROOT, out)
-    for required in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "LICENSE", "README.md",
-                     "docs/README.md", "models/README.md", "requirements.txt", "bundle/__init__.py",
-                     "scripts/package_bundle.py", "large_files.yml"):
+    for required in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/train.json",
+        "LICENSE",
+        "README.md",
+        "docs/README.md",
+        "models/README.md",
+        "requirements.txt",
+        "bundle/__init__.py",
+        "scripts/package_bundle.py",
+        "large_files.yml",
+    ):
         assert required in files, required
     assert not any(f.startswith(("tests/", "data/", "eval/", "outputs/", ".venv", ".git", "docs/dev/")) for f in files)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
@@ -105,8 +133,9 @@ def test_package_contents_and_large_files(tmp_path, monkeypatch):
         entry = yaml.safe_load((out / "large_files.yml").read_text())["large_files"][0]
         assert entry["path"] == "models/model.pt" and entry["url"] and entry["hash_type"] == "md5"
     # refuses a non-empty folder
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(out)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(out)], capture_output=True, text=True
+    )
     assert result.returncode != 0 and "not an empty folder" in result.stderr
 
     # a small model.pt is shipped, a large one is listed with its hash
@@ -121,8 +150,12 @@ def test_package_contents_and_large_files(tmp_path, monkeypatch):
     large = packager.package(src, tmp_path / "large", weights_url="https://host/model.pt")
     assert "models/model.pt" not in large
     entry = yaml.safe_load((tmp_path / "large" / "large_files.yml").read_text())["large_files"][0]
-    assert entry == {"path": "models/model.pt", "url": "https://host/model.pt",
-                     "hash_val": "781e5e245d69b566979b86e28d23f2c7", "hash_type": "md5"}
+    assert entry == {
+        "path": "models/model.pt",
+        "url": "https://host/model.pt",
+        "hash_val": "781e5e245d69b566979b86e28d23f2c7",
+        "hash_type": "md5",
+    }
 
 
 def test_packaged_copy_trains_from_another_directory(tmp_path):
@@ -132,8 +165,22 @@ def test_packaged_copy_trains_from_another_directory(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     configs = f"['{pkg}/configs/train.json','{pkg}/configs/demo.json']"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--meta_file", f"{pkg}/configs/metadata.json",
-           "--config_file", configs, "--logging_file", f"{pkg}/configs/logging.conf", "--bundle_root", str(pkg), *TINY]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--meta_file",
+        f"{pkg}/configs/metadata.json",
+        "--config_file",
+        configs,
+        "--logging_file",
+        f"{pkg}/configs/logging.conf",
+        "--bundle_root",
+        str(pkg),
+        *TINY,
+    ]
     env = _env(PYTHONPATH=str(pkg))
     result = subprocess.run(cmd, cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -1,5 +1,6 @@
 """Readers: DICOM series loading, series selection and datalist builders (RSNA 2024, Tianchi)."""
 
+from bundle.io.datalist import check_series, read_datalist, split_folds, streams_to_json, write_datalist
 from bundle.io.dicom_series import (
     SliceHeader,
     SortedSeries,
@@ -15,11 +16,10 @@ from bundle.io.dicom_series import (
 )
 from bundle.io.loader import LoadSagittalSeriesd, load_sagittal_series
 from bundle.io.pixels import read_dicom_pixels, read_header
-from bundle.io.spacing import InPlaneSpacing, InPlaneSpacingd
-from bundle.io.series_selection import SeriesInfo, group_series, read_series_descriptions, select_sagittal_t2, weighting
 from bundle.io.rsna import build_rsna_datalist
+from bundle.io.series_selection import SeriesInfo, group_series, read_series_descriptions, select_sagittal_t2, weighting
+from bundle.io.spacing import InPlaneSpacing, InPlaneSpacingd
 from bundle.io.tianchi import DEFAULT_TIANCHI_CLASS_MAP, build_tianchi_datalist, index_dicom_folder
-from bundle.io.datalist import check_series, read_datalist, split_folds, streams_to_json, write_datalist
 
 __all__ = [
     "SliceHeader",

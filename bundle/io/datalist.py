@@ -50,10 +50,7 @@ def check_series(items: Sequence[Mapping]) -> tuple[list[Mapping], list[tuple[Ma
 def study_stratum(items: Sequence[Mapping]) -> int:
     """Worst (largest) class over all points of a study's items; -1 when none is labelled."""
     labels = [
-        int(lb)
-        for item in items
-        for stream in (item.get("keypoints") or {}).values()
-        for lb in stream.get("label", [])
+        int(lb) for item in items for stream in (item.get("keypoints") or {}).values() for lb in stream.get("label", [])
     ]
     return max(labels, default=-1)
 

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset
-
 from bundle.errors import BundleInputError
 from bundle.io.pixels import read_header
+from pydicom.dataset import Dataset
 
 __all__ = [
     "SliceHeader",

@@ -7,14 +7,13 @@ from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from bundle.errors import BundleInputError
+from bundle.io.dicom_series import list_dicom_files, middle_indices, read_slice_headers, series_affine, sort_series
+from bundle.io.pixels import read_dicom_pixels
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import SpaceKeys
-
-from bundle.errors import BundleInputError
-from bundle.io.dicom_series import list_dicom_files, middle_indices, read_slice_headers, series_affine, sort_series
-from bundle.io.pixels import read_dicom_pixels
 
 __all__ = ["load_sagittal_series", "LoadSagittalSeriesd"]
 

@@ -7,10 +7,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import pydicom
+from bundle.errors import BundleInputError
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-
-from bundle.errors import BundleInputError
 
 __all__ = ["read_header", "read_dicom_pixels", "transfer_syntax_name"]
 

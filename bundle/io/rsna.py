@@ -123,12 +123,7 @@ def _sagittal_t2(series: list[tuple[str, str]]) -> list[str]:
     return [sid for sid, desc in series if desc.lower() == RSNA_SAGITTAL_T2.lower()]
 
 
-def build_rsna_datalist(
-    root: str | os.PathLike,
-    *,
-    image_dir: str | None = None,
-    split: str = "train",
-) -> list[dict]:
+def build_rsna_datalist(root: str | os.PathLike, *, image_dir: str | None = None, split: str = "train") -> list[dict]:
     """Datalist items (see the project's datalist format) for an RSNA 2024 data folder.
 
     Args:

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, SortedSeries, list_dicom_files, plane_name, slice_header, sort_series
 from bundle.io.pixels import read_dicom_pixels, read_header
@@ -108,9 +107,7 @@ def read_series_descriptions(csv_path: str | os.PathLike) -> dict[str, str]:
         return {row["series_id"].strip(): row["series_description"].strip() for row in reader}
 
 
-def group_series(
-    files: Sequence[Path], descriptions: Mapping[str, str] | None = None
-) -> dict[str, SeriesInfo]:
+def group_series(files: Sequence[Path], descriptions: Mapping[str, str] | None = None) -> dict[str, SeriesInfo]:
     """Group image files by SeriesInstanceUID (headers only); files without geometry are skipped.
 
     ``descriptions`` maps a SeriesInstanceUID or a series folder name (RSNA ``series_id``) to a

@@ -66,7 +66,7 @@ def imagenet_state_dict(depth: int) -> dict[str, torch.Tensor]:
         raise RuntimeError(
             f"could not download the ImageNet weights of ResNet-{depth} ({weights}) from {weights.url}: {err}. "
             f"torch hub caches them in {cache_dir} (set TORCH_HOME to move it). Pre-download them on a machine "
-            f"with network access, e.g. `python -c \"import torchvision; torchvision.models.resnet{depth}"
+            f'with network access, e.g. `python -c "import torchvision; torchvision.models.resnet{depth}'
             f"(weights='{weights.name}')\"`, and copy the file into that folder; or build the network "
             f"with pretrained=False."
         ) from err

@@ -75,7 +75,7 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
                 for name, child in list(module.named_children()):
                     if not name.startswith("conv"):
                         continue
-                    bn_name = "bn" + name[len("conv"):]
+                    bn_name = "bn" + name[len("conv") :]
                     folded = _fold(child, getattr(module, bn_name, None))
                     if folded is not None:
                         setattr(module, name, folded)

@@ -14,7 +14,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from bundle.streams import RSNA_LEVELS, RSNA_SEVERITIES, TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
 
 __all__ = [

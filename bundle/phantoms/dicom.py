@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-
 from bundle.atomic import atomic_write_bytes
 from bundle.phantoms.study import PhantomSeries, PhantomStudy
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
 __all__ = ["MR_IMAGE_STORAGE", "MANUFACTURER", "slice_dataset", "dataset_bytes", "write_atomic"]
 

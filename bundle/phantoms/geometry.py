@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-
 from bundle.phantoms.anatomy import Spine
 
 __all__ = ["SeriesGeometry", "sample_sagittal", "sample_axial"]

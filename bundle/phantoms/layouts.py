@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-
 from bundle.errors import BundleInputError
 from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
 from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
@@ -114,17 +113,26 @@ def _csv_bytes(rows: list[list]) -> bytes:
 
 def _write_rsna_tables(studies: Sequence[PhantomStudy], out: Path) -> None:
     header = ["study_id"] + [f"{c}_{lv}" for c in RSNA_CONDITIONS for lv in _RSNA_LEVEL_KEYS]
-    train, coords, series = [header], [["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]], [
-        ["study_id", "series_id", "series_description"]
-    ]
+    train, coords, series = (
+        [header],
+        [["study_id", "series_id", "instance_number", "condition", "level", "x", "y"]],
+        [["study_id", "series_id", "series_description"]],
+    )
     for st in studies:
         sten = st.labels()["stenosis"]
         train.append([st.study_id] + [sten[lv] for lv in RSNA_LEVELS] + [""] * (len(header) - 1 - len(RSNA_LEVELS)))
         sag = st.sagittal_t2
         for p in st.rsna_points():
             coords.append(
-                [st.study_id, sag.series_id, p["instance_number"], "Spinal Canal Stenosis", p["level"],
-                 f"{p['x']:.2f}", f"{p['y']:.2f}"]
+                [
+                    st.study_id,
+                    sag.series_id,
+                    p["instance_number"],
+                    "Spinal Canal Stenosis",
+                    p["level"],
+                    f"{p['x']:.2f}",
+                    f"{p['y']:.2f}",
+                ]
             )
         series += [[st.study_id, ser.series_id, ser.description] for ser in st.series]
     for name, rows in zip(_RSNA_TABLES, (train, coords, series)):
@@ -141,8 +149,11 @@ def _write_tianchi_json(studies: Sequence[PhantomStudy], out: Path) -> None:
         for i in order:
             p = pts[i]
             points.append(
-                {"coord": p["coord"], "tag": {"identification": p["identification"], p["structure"]: p["tag"]},
-                 "zIndex": p["zIndex"]}
+                {
+                    "coord": p["coord"],
+                    "tag": {"identification": p["identification"], p["structure"]: p["tag"]},
+                    "zIndex": p["zIndex"],
+                }
             )
         items.append(
             {

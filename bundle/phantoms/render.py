@@ -10,7 +10,6 @@ numpy; the only Python loop is over slices.
 from __future__ import annotations
 
 import numpy as np
-
 from bundle.phantoms.anatomy import BODY_NAMES, Spine
 from bundle.phantoms.geometry import SeriesGeometry
 
@@ -19,17 +18,43 @@ __all__ = ["CONTRASTS", "render_series"]
 # relative signal of each tissue: T2 (CSF bright, degenerated disc dark) and T1 (fat bright, CSF dark)
 CONTRASTS: dict[str, dict[str, float]] = {
     "T2": dict(
-        fat=0.68, muscle=0.2, abdomen=0.33, marrow=0.42, cortex=0.07, nucleus=0.9, annulus=0.3, degenerate=0.13,
-        csf=1.0, cord=0.38, ligament=0.08, posterior=0.28, modic=0.8, vessel=0.04, foramen=0.6,
+        fat=0.68,
+        muscle=0.2,
+        abdomen=0.33,
+        marrow=0.42,
+        cortex=0.07,
+        nucleus=0.9,
+        annulus=0.3,
+        degenerate=0.13,
+        csf=1.0,
+        cord=0.38,
+        ligament=0.08,
+        posterior=0.28,
+        modic=0.8,
+        vessel=0.04,
+        foramen=0.6,
     ),
     "T1": dict(
-        fat=0.95, muscle=0.3, abdomen=0.4, marrow=0.7, cortex=0.07, nucleus=0.38, annulus=0.32, degenerate=0.26,
-        csf=0.14, cord=0.42, ligament=0.12, posterior=0.55, modic=0.3, vessel=0.06, foramen=0.9,
+        fat=0.95,
+        muscle=0.3,
+        abdomen=0.4,
+        marrow=0.7,
+        cortex=0.07,
+        nucleus=0.38,
+        annulus=0.32,
+        degenerate=0.26,
+        csf=0.14,
+        cord=0.42,
+        ligament=0.12,
+        posterior=0.55,
+        modic=0.3,
+        vessel=0.06,
+        foramen=0.9,
     ),
 }
 _CHUNK_PIXELS = 32768  # pixels rendered per block
 _TABLE_STEP = 0.25  # mm between samples of the per-level parameter table along s
-(_D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC) = range(17)
+_D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC = range(17)
 
 
 def _clip(a, lo, hi):

@@ -11,12 +11,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from pydicom.uid import generate_uid
-
 from bundle.phantoms.anatomy import Spine, check_class_frequencies, sample_spine
 from bundle.phantoms.geometry import SeriesGeometry, sample_axial, sample_sagittal
 from bundle.phantoms.render import render_series
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
+from pydicom.uid import generate_uid
 
 __all__ = ["PHI_MARKER", "LAYOUTS", "PhantomSeries", "PhantomStudy", "phantom_study"]
 
@@ -131,8 +130,16 @@ class PhantomStudy:
         for structure, level, tag in rows:
             x, y, _ = g.to_pixel(kp[structure][level], m)
             xi, yi = int(round(x)), int(round(y))
-            out.append(dict(identification=level, structure=structure, tag=tag, coord=[xi, yi],
-                            zIndex=ser.instance_numbers[m], mm=g.to_mm(xi, yi, m)))
+            out.append(
+                dict(
+                    identification=level,
+                    structure=structure,
+                    tag=tag,
+                    coord=[xi, yi],
+                    zIndex=ser.instance_numbers[m],
+                    mm=g.to_mm(xi, yi, m),
+                )
+            )
         return out
 
 
@@ -200,7 +207,7 @@ def phantom_study(
     series = []
     for j, kind in enumerate(kinds):
         if kind == "ax_t2":
-            discs = ("L3-L4", "L4-L5", "L5-S1")[int(rng.integers(0, 2)):]
+            discs = ("L3-L4", "L4-L5", "L5-S1")[int(rng.integers(0, 2)) :]
             geom = sample_axial(rng, spine, np.array([kp["disc"][d] for d in discs]), min_size, max_size)
         else:
             geom = sample_sagittal(rng, spine, fov_points, min_size, max_size)
