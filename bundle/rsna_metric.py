@@ -28,6 +28,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
+from bundle.csvrows import is_blank_row
 from bundle.errors import BundleInputError
 
 __all__ = [
@@ -136,6 +137,8 @@ def _parse_solution(rows: Iterable[Mapping[str, object]], name: str) -> dict[str
     """``{study: [severity index or -1 for the 25 LABEL_COLUMNS]}``, in file order."""
     out: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
+        if is_blank_row(row):
+            continue  # a spreadsheet's trailing ",,,," rows
         missing = [c for c in ("study_id", *LABEL_COLUMNS) if c not in row]
         if missing:
             raise BundleInputError(f"{_where(name, i)}: missing columns {missing}")
@@ -160,6 +163,8 @@ def _parse_submission(rows: Iterable[Mapping[str, object]], name: str) -> dict[t
     """``{(study, label column): (3,) probabilities}`` after checking ids and values."""
     out: dict[tuple[str, str], np.ndarray] = {}
     for i, row in enumerate(rows):
+        if is_blank_row(row):
+            continue
         missing = [c for c in ("row_id", *PRED_COLUMNS) if c not in row]
         if missing:
             raise BundleInputError(f"{_where(name, i)}: missing columns {missing}")

@@ -226,7 +226,8 @@ def test_rsna_prior_from_train_csv(tmp_path):
         writer.writerow(["1", *(["Severe"] * 5 + [""] * 20)])
         writer.writerow(["2", *(["Normal/Mild"] * 5 + [""] * 20)])
     prior = read_rsna_prior(path)
-    assert prior["spinal_canal_stenosis"] == pytest.approx(((5 + 1) / 13, 1 / 13, (5 + 1) / 13))
+    # counts (5, 0, 5) smoothed to (6, 1, 6) / 13; the weighted constant is (6 * 1, 1 * 2, 6 * 4) / 32
+    assert prior["spinal_canal_stenosis"] == pytest.approx((6 / 32, 2 / 32, 24 / 32))
     assert prior["left_neural_foraminal_narrowing"] == read_rsna_prior(None)["left_neural_foraminal_narrowing"]
 
 

@@ -420,3 +420,30 @@ def test_check_series_drops_series_the_loader_rejects(tmp_path):
     assert code == 0 and "dropped 1 series" in stderr
     content = read_datalist(out)
     assert [it["study_id"] for it in content["training"] + content["validation"]] == [BIG_ID]
+
+
+def _spreadsheet_resave(path: Path, blank_rows: int = 3) -> None:
+    """What a spreadsheet does to a CSV: BOM, CRLF line endings, trailing rows of bare commas."""
+    lines = path.read_text().splitlines()
+    width = lines[0].count(",")
+    lines += ["," * width] * blank_rows
+    path.write_bytes(("\ufeff" + "\r\n".join(lines) + "\r\n").encode("utf-8"))
+
+
+def test_rsna_real_csv_quirks_give_the_same_items(tmp_path, caplog):
+    make_rsna(tmp_path)
+    expected = build_rsna_datalist(tmp_path)
+    coords = tmp_path / "train_label_coordinates.csv"
+    text = coords.read_text().replace("Spinal Canal Stenosis", "spinal_canal_stenosis")
+    for level in ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"):
+        text = text.replace(f",{level},", f",{level.lower().replace('/', '_')},")
+    coords.write_text(text)
+    for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
+        _spreadsheet_resave(tmp_path / name)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        items = build_rsna_datalist(tmp_path)
+    assert items == expected
+    assert BIG_ID in [it["study_id"] for it in items]  # an id above 2**32 stays exact text
+    assert "study  " not in caplog.text and "study :" not in caplog.text  # blank rows are no studies
+    assert "study 7" in caplog.text  # the real skip is still reported

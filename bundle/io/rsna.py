@@ -7,13 +7,13 @@ instance's own geometry, so they stay valid on any series of the study.
 
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from bundle.csvrows import read_csv_rows
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
@@ -42,16 +42,8 @@ def _snake(text: str) -> str:
 
 
 def _rows(path: Path, required: set[str]) -> Iterator[tuple[int, dict[str, str]]]:
-    """(line number, row) of a CSV read with the csv module; ids stay strings."""
-    if not path.is_file():
-        raise BundleInputError(f"{path}: file not found")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = required - set(reader.fieldnames or ())
-        if missing:
-            raise BundleInputError(f"{path}: missing column(s) {sorted(missing)}")
-        for row in reader:
-            yield reader.line_num, {k: (v or "").strip() for k, v in row.items() if k is not None}
+    """(line number, row) of a CSV (CRLF, BOM and blank rows accepted); ids stay strings."""
+    return read_csv_rows(path, sorted(required), what="CSV file")
 
 
 def _norm_condition(text: str, where: str) -> str:

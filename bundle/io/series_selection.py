@@ -9,7 +9,6 @@ series_descriptions CSV wins over the headers.
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bundle.csvrows import read_csv_rows
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, SortedSeries, list_dicom_files, plane_name, slice_header, sort_series
 from bundle.io.pixels import read_dicom_pixels, read_header
@@ -96,15 +96,8 @@ def find_dicom_files(files_or_dir: str | os.PathLike | Sequence[str | os.PathLik
 
 def read_series_descriptions(csv_path: str | os.PathLike) -> dict[str, str]:
     """``{series_id: series_description}`` from an RSNA ``*_series_descriptions.csv``."""
-    path = Path(csv_path)
-    if not path.is_file():
-        raise BundleInputError(f"{path}: series descriptions CSV not found")
-    with path.open(newline="") as f:
-        reader = csv.DictReader(f)
-        missing = {"series_id", "series_description"} - set(reader.fieldnames or ())
-        if missing:
-            raise BundleInputError(f"{path}: missing column(s) {sorted(missing)}")
-        return {row["series_id"].strip(): row["series_description"].strip() for row in reader}
+    rows = read_csv_rows(csv_path, ["series_id", "series_description"], what="series descriptions CSV")
+    return {row["series_id"]: row["series_description"] for _, row in rows}
 
 
 def group_series(files: Sequence[Path], descriptions: Mapping[str, str] | None = None) -> dict[str, SeriesInfo]:
