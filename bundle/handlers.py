@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from bundle.atomic import atomic_write, atomic_write_text
 from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
+from bundle.skipping import skipped_reasons
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
@@ -151,7 +152,10 @@ class KeypointDetectionMetric(Metric):
         affines = torch.as_tensor(image.affine).detach().cpu().double().numpy()
         if affines.ndim == 2:
             affines = np.broadcast_to(affines, (len(keypoints), 4, 4))
+        skipped = skipped_reasons(batch, len(keypoints))
         for i, predicted in enumerate(keypoints):
+            if skipped[i]:
+                predicted = {}  # a skipped study's placeholder image: its annotated keypoints all count as missed
             for spec in self.specs:
                 gt_mm = torch.as_tensor(batch[f"{spec.name}_points"][i]).double().cpu().numpy()
                 gt_labels = torch.as_tensor(batch[f"{spec.name}_labels"][i]).long().cpu().numpy()

@@ -18,6 +18,7 @@ import numpy as np
 from bundle.atomic import atomic_write_bytes, atomic_write_text
 from bundle.csvrows import read_csv_rows
 from bundle.rsna_metric import CONDITIONS, GROUPS, LEVELS, SAMPLE_WEIGHTS, SEVERITIES
+from bundle.skipping import skipped_reasons
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events
 from monai.data import decollate_batch
@@ -186,7 +187,12 @@ class KeypointsWriter:
     def write_iteration(self, engine: Engine) -> None:
         output = engine.state.output
         items = decollate_batch(output["batch"], detach=True)
-        for item, predicted in zip(items, output["keypoints"]):
+        reasons = skipped_reasons(output["batch"], len(items))
+        for item, predicted, reason in zip(items, output["keypoints"], reasons):
+            if reason:  # no keypoints.json for a skipped study; its submission rows get the constant prediction
+                if self.dataset_format == "rsna":
+                    self._add_submission_rows(str(item["study_id"]), [])
+                continue
             self.write_study(item, predicted)
 
     def write_study(self, item: Mapping[str, Any], predicted: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:

@@ -15,6 +15,8 @@ from typing import Any
 
 from bundle.errors import BundleInputError
 from bundle.io import read_header, select_sagittal_t2
+from bundle.io.series_selection import read_series_descriptions
+from bundle.skipping import skipped_item
 
 __all__ = ["find_studies"]
 
@@ -64,30 +66,44 @@ def _item(study_id: str, files: list[Path], series_id: str | None) -> dict[str, 
     return {"image": [str(f) for f in files], "study_id": str(study_id), "series_id": str(series_id)}
 
 
-def _rsna_studies(root: Path, image_dir: Path) -> list[dict[str, Any]]:
+def _study_item(study_id: str, folder: Path, descriptions: Any, on_error: str, rsna: bool) -> dict[str, Any]:
+    """The item of one study folder; with ``on_error="skip"`` a study that cannot be used becomes a skipped item."""
+    try:
+        files = select_sagittal_t2(folder, descriptions)
+        series_id = files[0].parent.name if rsna and files[0].parent.parent == folder else None
+        return _item(study_id, files, series_id)
+    except BundleInputError as err:
+        if on_error != "skip":
+            raise
+        return skipped_item(study_id, str(err))
+
+
+def _rsna_studies(root: Path, image_dir: Path, on_error: str) -> list[dict[str, Any]]:
     prefix = image_dir.name.split("_")[0]
     csv_path = root / f"{prefix}_series_descriptions.csv"
-    descriptions = csv_path if csv_path.is_file() else None
-    items = []
-    for study in sorted(p for p in image_dir.iterdir() if p.is_dir()):
-        files = select_sagittal_t2(study, descriptions)
-        series_id = files[0].parent.name if files[0].parent.parent == study else None
-        items.append(_item(study.name, files, series_id))
-    return items
+    descriptions = read_series_descriptions(csv_path) if csv_path.is_file() else None
+    studies = sorted(p for p in image_dir.iterdir() if p.is_dir())
+    return [_study_item(study.name, study, descriptions, on_error, rsna=True) for study in studies]
 
 
-def find_studies(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+def find_studies(dataset_dir: str | os.PathLike, on_error: str = "raise") -> list[dict[str, Any]]:
     """Inference items ``{"image": [files of the sagittal T2 series], "study_id", "series_id"}``, one per study.
 
+    ``on_error="skip"``: a study without a usable sagittal series becomes a skipped item
+    (:func:`bundle.skipping.skipped_item`, with the reason) instead of stopping the search.
+
     Raises:
-        BundleInputError: the folder is missing, holds no DICOM file, or a study has no sagittal series.
+        BundleInputError: the folder is missing or holds no DICOM file; with ``on_error="raise"``, also when a
+            study has no sagittal series.
     """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
     root = Path(dataset_dir)
     if not root.is_dir():
         raise BundleInputError(f"dataset_dir {root} is not an existing folder")
     for name in RSNA_IMAGE_DIRS:
         if (root / name).is_dir():
-            return _rsna_studies(root, root / name)
+            return _rsna_studies(root, root / name, on_error)
     if _has_dicom(root):
         return [_item(root.name, select_sagittal_t2(root), None)]
     folders = _dicom_dirs(root)
@@ -103,8 +119,6 @@ def find_studies(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
             studies.append((parent.name, parent))  # series sub-folders of one study
         else:
             studies.extend((child.name, child) for child in children)
-    items = []
-    for study_id, folder in studies:
-        items.append(_item(study_id, select_sagittal_t2(folder), None))
+    items = [_study_item(study_id, folder, None, on_error, rsna=False) for study_id, folder in studies]
     logger.info(f"found {len(items)} studies in {root}")
     return items

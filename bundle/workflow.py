@@ -11,7 +11,15 @@ from typing import Any
 from bundle.errors import BundleInputError
 from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_streams
 
-__all__ = ["DATASET_FORMATS", "default_streams", "stream_classes", "prepare_dataset", "load_datalist"]
+__all__ = [
+    "DATASET_FORMATS",
+    "default_streams",
+    "stream_classes",
+    "prepare_dataset",
+    "tianchi_sets",
+    "load_datalist",
+    "inference_datalist",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +84,21 @@ def _read_datalist_file(path: Path, split: str) -> list[dict[str, Any]]:
     return list(content[split])
 
 
+def tianchi_sets(
+    dataset_dir: str | Path, images: str | Sequence[str], annotations: str | Sequence[str]
+) -> list[tuple[Path, Path]]:
+    """``(image folder, annotation JSON)`` pairs under ``dataset_dir``: one name each, or two lists of equal length
+    (``['lumbar_train150', 'lumbar_train51/train']`` with ``['lumbar_train150_annotation.json', ...]``)."""
+    image_list = [images] if isinstance(images, (str, Path)) else list(images)
+    annotation_list = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
+    if not image_list or len(image_list) != len(annotation_list):
+        raise BundleInputError(
+            f"tianchi_images {image_list} and tianchi_annotation {annotation_list} must pair up one to one"
+        )
+    root = Path(dataset_dir)
+    return [(root / str(i), root / str(a)) for i, a in zip(image_list, annotation_list)]
+
+
 def load_datalist(
     dataset_dir: str | Path,
     dataset_format: str,
@@ -84,15 +107,18 @@ def load_datalist(
     folds: int = 5,
     fold: int = 0,
     seed: int = 0,
-    tianchi_images: str = "lumbar_train",
-    tianchi_annotation: str = "lumbar_train_annotation.json",
+    tianchi_images: str | Sequence[str] = "lumbar_train",
+    tianchi_annotation: str | Sequence[str] = "lumbar_train_annotation.json",
     max_items: int | None = None,
+    skip_unusable: bool = False,
 ) -> list[dict[str, Any]]:
     """Items of one split (``training``, ``validation`` or ``all``) for a data set, built by the readers.
 
     ``datalist``, when given, is a datalist JSON written by ``scripts/prepare_datalist.py`` and is used as is.
     Otherwise the readers scan ``dataset_dir`` (RSNA: the CSVs and ``train_images``; Tianchi: ``tianchi_images``
-    and ``tianchi_annotation`` under it) and the studies are split into ``folds`` by study, ``fold`` held out.
+    and ``tianchi_annotation`` under it, one set or lists of sets, see :func:`tianchi_sets`) and the studies are
+    split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps RSNA studies that
+    cannot be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping.
     """
     if split not in ("training", "validation", "all"):
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}")
@@ -108,9 +134,13 @@ def load_datalist(
 
         root = Path(dataset_dir)
         if _check_format(dataset_format) == "rsna":
-            all_items = build_rsna_datalist(root)
+            all_items = build_rsna_datalist(root, keep_unusable=skip_unusable)
         else:
-            all_items = build_tianchi_datalist(root / tianchi_images, root / tianchi_annotation)
+            all_items = [
+                item
+                for images, annotation in tianchi_sets(root, tianchi_images, tianchi_annotation)
+                for item in build_tianchi_datalist(images, annotation)
+            ]
         if not all_items:
             raise BundleInputError(f"no labelled study found in {root} ({dataset_format} layout)")
         if split == "all":
@@ -119,3 +149,40 @@ def load_datalist(
             training, validation = split_folds(all_items, folds=folds, fold=fold, seed=seed)
             items = training if split == "training" else validation
     return items[:max_items] if max_items else items
+
+
+def inference_datalist(
+    dataset_dir: str | Path,
+    dataset_format: str,
+    tianchi_images: str | Sequence[str] | None = None,
+    tianchi_annotation: str | Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Inference items, one per study; a study that cannot be used becomes a skipped item (``bundle.skipping``).
+
+    RSNA, or Tianchi without options: :func:`bundle.studies.find_studies` on ``dataset_dir`` (each study's sagittal
+    T2 series is chosen from its headers). Tianchi with ``tianchi_images``: the same on those folders under
+    ``dataset_dir``; with ``tianchi_annotation`` as well: the series each study's annotation names, keypoints
+    dropped (the annotation only says which series to read).
+    """
+    from bundle.studies import find_studies
+
+    root = Path(dataset_dir)
+    if _check_format(dataset_format) == "rsna":
+        if tianchi_images or tianchi_annotation:
+            logger.warning("tianchi_images / tianchi_annotation are unused with dataset_format rsna")
+        return find_studies(root, on_error="skip")
+    if not tianchi_images:
+        if tianchi_annotation:
+            raise BundleInputError("tianchi_annotation needs tianchi_images, the folder its studies are in")
+        return find_studies(root, on_error="skip")
+    if not tianchi_annotation:
+        folders = [tianchi_images] if isinstance(tianchi_images, (str, Path)) else list(tianchi_images)
+        return [item for folder in folders for item in find_studies(root / str(folder), on_error="skip")]
+    from bundle.io import build_tianchi_datalist
+
+    items = []
+    for images, annotation in tianchi_sets(root, tianchi_images, tianchi_annotation):
+        items += [
+            {k: v for k, v in it.items() if k != "keypoints"} for it in build_tianchi_datalist(images, annotation)
+        ]
+    return items

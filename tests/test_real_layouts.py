@@ -2,12 +2,34 @@
 
 from __future__ import annotations
 
+import csv
 import itertools
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from bundle.outputs import RSNA_CLASS_FREQUENCIES, RSNA_PRIOR, best_constant, read_rsna_prior
+import torch
+from bundle import InPlaneSpacingd, LoadSagittalSeriesd
+from bundle.errors import BundleInputError
+from bundle.handlers import KeypointDetectionMetric
+from bundle.options import check_overrides
+from bundle.outputs import RSNA_CLASS_FREQUENCIES, RSNA_PRIOR, KeypointsWriter, best_constant, read_rsna_prior
+from bundle.phantoms import generate_phantoms
 from bundle.rsna_metric import CONDITIONS, LABEL_COLUMNS, SAMPLE_WEIGHTS, weighted_log_loss
+from bundle.skipping import SKIPPED_KEY, SkippedStudiesWriter, skip_unusable, skipped_reasons
+from bundle.streams import RSNA_STREAMS
+from bundle.studies import find_studies
+from bundle.workflow import load_datalist
+from ignite.engine import Engine
+from monai.data import MetaTensor, list_data_collate
+from monai.transforms import Compose, NormalizeIntensityd, ResizeWithPadOrCropd
 
 
 def _constant_loss(labels: np.ndarray, p: np.ndarray) -> float:
@@ -63,3 +85,329 @@ def test_prior_from_train_csv_with_crlf_bom_and_spreadsheet_blank_rows(tmp_path)
     # left foraminal counts (0, 10, 0): (1, 11, 1) / 13 -> (1, 22, 4) / 27
     assert prior["left_neural_foraminal_narrowing"] == pytest.approx((1 / 27, 22 / 27, 4 / 27))
     assert prior["left_subarticular_stenosis"] == RSNA_PRIOR["left_subarticular_stenosis"]  # no labels: built-in
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# batch runs skip unusable studies (bundle.skipping)
+
+
+def _no_sagittal_t2(root: Path, study_id: str) -> None:
+    """Make ``study_id`` look like the real RSNA study that has no Sagittal T2/STIR series (its T2 is 'T1')."""
+    path = root / "train_series_descriptions.csv"
+    lines = path.read_text().splitlines()
+    lines = [ln.replace("Sagittal T2/STIR", "Sagittal T1") if ln.startswith(f"{study_id},") else ln for ln in lines]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _truncate_series(folder: Path) -> None:
+    """Cut every file of a series short inside its pixel data (headers stay readable)."""
+    for path in folder.glob("*.dcm"):
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 200])
+
+
+@pytest.fixture(scope="module")
+def broken_rsna(tmp_path_factory) -> tuple[Path, str, str, str]:
+    """Three small RSNA phantom studies: one fine, one without sagittal T2, one with truncated T2 files."""
+    root = tmp_path_factory.mktemp("broken") / "rsna"
+    generate_phantoms(root, layout="rsna", studies=3, seed=11, min_size=64, max_size=96)
+    items = load_datalist(root, "rsna", "all")
+    good, no_t2, truncated = (it["study_id"] for it in items)
+    _no_sagittal_t2(root, no_t2)
+    _truncate_series(Path(items[2]["image"]))
+    return root, good, no_t2, truncated
+
+
+def test_find_studies_skips_a_study_without_sagittal_t2(broken_rsna):
+    root, good, no_t2, truncated = broken_rsna
+    with pytest.raises(BundleInputError, match="no sagittal T2 series found"):
+        find_studies(root)
+    items = {it["study_id"]: it for it in find_studies(root, on_error="skip")}
+    assert set(items) == {good, no_t2, truncated}
+    assert "no sagittal T2 series found" in items[no_t2][SKIPPED_KEY] and items[no_t2]["image"] == []
+    assert SKIPPED_KEY not in items[good] and SKIPPED_KEY not in items[truncated]  # its headers are fine
+
+
+def test_rsna_evaluation_datalist_keeps_unusable_studies_as_skipped(broken_rsna):
+    root, good, no_t2, truncated = broken_rsna
+    assert no_t2 not in [it["study_id"] for it in load_datalist(root, "rsna", "all")]  # training drops it
+    items = {it["study_id"]: it for it in load_datalist(root, "rsna", "all", skip_unusable=True)}
+    assert "no Sagittal T2/STIR series" in items[no_t2][SKIPPED_KEY]
+    assert items[no_t2]["keypoints"]["disc"]["mm"] == [None] * 5
+    assert len(items[no_t2]["keypoints"]["disc"]["label"]) == 5
+    assert SKIPPED_KEY not in items[truncated]
+
+
+def _batch_preprocessing(num_slices: int = 3) -> Compose:
+    return skip_unusable(
+        Compose(
+            [
+                LoadSagittalSeriesd(keys="image", num_slices=num_slices),
+                InPlaneSpacingd(keys="image", pixdim=(2.0, 2.0)),
+                ResizeWithPadOrCropd(keys="image", spatial_size=(48, 48)),
+                NormalizeIntensityd(keys="image"),
+            ]
+        )
+    )
+
+
+def test_skip_wrapper_gives_a_placeholder_that_collates_with_real_series(broken_rsna):
+    root, good, no_t2, truncated = broken_rsna
+    items = {it["study_id"]: it for it in find_studies(root, on_error="skip")}
+    transform = _batch_preprocessing()
+    outputs = [transform(items[s]) for s in (good, no_t2, truncated)]
+    assert [o[SKIPPED_KEY] == "" for o in outputs] == [True, False, False]
+    assert "cannot decode pixel data" in outputs[2][SKIPPED_KEY] or "readable" in outputs[2][SKIPPED_KEY]
+    batch = list_data_collate(outputs)
+    assert tuple(batch["image"].shape) == (3, 3, 48, 48)
+    assert skipped_reasons(batch, 3) == [o[SKIPPED_KEY] for o in outputs]
+    assert batch["study_id"] == [good, no_t2, truncated]
+    with pytest.raises(BundleInputError):  # the strict pipeline (MONAI Label's) still stops with the error
+        transform.transforms[0].transform(items[truncated])
+
+
+def _run_writer(tmp_path: Path, batches: list[dict]) -> tuple[SkippedStudiesWriter, Engine]:
+    writer = SkippedStudiesWriter(tmp_path)
+    engine = Engine(lambda e, b: None)
+    writer.attach(engine)
+    engine.run(batches, max_epochs=1)
+    return writer, engine
+
+
+def test_skipped_studies_writer_lists_logs_and_summarises(tmp_path, caplog):
+    batches = [
+        {"study_id": ["1", "9007199254740993"], SKIPPED_KEY: ["", "no sagittal T2 series found"]},
+        {"study_id": ["3"], SKIPPED_KEY: ["x.dcm: cannot decode pixel data"]},
+        {"study_id": ["4"], SKIPPED_KEY: [""]},
+    ]
+    with caplog.at_level(logging.INFO):
+        writer, engine = _run_writer(tmp_path, batches)
+    with open(tmp_path / "skipped.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [
+        ["study_id", "reason"],
+        ["9007199254740993", "no sagittal T2 series found"],  # ids above 2**53 stay exact
+        ["3", "x.dcm: cannot decode pixel data"],
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [
+        "study 9007199254740993 skipped: no sagittal T2 series found",
+        "study 3 skipped: x.dcm: cannot decode pixel data",
+    ]
+    assert "2 studies done, 2 skipped" in caplog.text
+    assert engine.state.extra_metrics["skipped_studies"] == 2
+
+
+def test_skipped_studies_writer_fails_when_nothing_could_be_processed(tmp_path):
+    with pytest.raises(BundleInputError, match="no study could be processed: all 1 were skipped"):
+        _run_writer(tmp_path, [{"study_id": ["1"], SKIPPED_KEY: ["no sagittal T2 series found"]}])
+    assert (tmp_path / "skipped.csv").read_text() == "study_id,reason\n1,no sagittal T2 series found\n"
+
+
+def test_keypoint_metric_counts_a_skipped_study_as_all_missed():
+    spec = RSNA_STREAMS[0]
+    gt = np.array([[10.0 * i, 20.0, 0.0] for i in range(5)])
+    labels = np.array([0, 1, 2, 0, 1])
+    perfect = [{"level_index": i, "mm": gt[i], "label": int(labels[i])} for i in range(5)]
+    image = MetaTensor(torch.zeros(2, 3, 8, 8), affine=torch.eye(4, dtype=torch.float64))
+    batch = {
+        "disc_points": torch.as_tensor(np.stack([gt, gt])),
+        "disc_labels": torch.as_tensor(np.stack([labels, labels])),
+        SKIPPED_KEY: ["", "x.dcm: cannot decode pixel data"],
+    }
+    metric = KeypointDetectionMetric(RSNA_STREAMS)
+    metric.reset()
+    metric.update((image, batch, [{"disc": perfect}, {"disc": perfect}]))  # the skipped one's output is junk
+    metric.compute()
+    result = metric.results["disc"]
+    assert result["pck"]["6"] == pytest.approx(0.5)
+    assert sum(result["counts"][c]["fn"] for c in spec.classes) == 5
+    assert sum(result["counts"][c]["tp"] for c in spec.classes) == 5
+
+
+def test_keypoints_writer_gives_a_skipped_study_the_constant_rows(tmp_path):
+    writer = KeypointsWriter(tmp_path, RSNA_STREAMS, dataset_format="rsna", overlay=False)
+    engine = Engine(lambda e, b: None)
+    image = MetaTensor(torch.zeros(1, 3, 8, 8))
+    engine.state.output = {
+        "batch": {"image": image, "study_id": ["4294967296123"], SKIPPED_KEY: ["no sagittal T2 series found"]},
+        "keypoints": [{"disc": []}],
+    }
+    writer.write_iteration(engine)
+    writer.write_submission(engine)
+    with open(tmp_path / "submission.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 25 and not (tmp_path / "4294967296123").exists()
+    for row in rows:
+        study, _, column = row["row_id"].partition("_")
+        condition = next(c for c in CONDITIONS if column.startswith(c))
+        assert study == "4294967296123"
+        probs = [float(row[k]) for k in ("normal_mild", "moderate", "severe")]
+        assert probs == pytest.approx(RSNA_PRIOR[condition], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command-line options (bundle.options) and the README's commands on real folder names
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {
+    "--backbone_depth": "18",
+    "--pixdim": "4.375",
+    "--input_size": "64",
+    "--batch_size": "2",
+    "--num_workers": "0",
+    "--radius": "2.0",
+}
+
+
+def test_check_overrides_names_the_unknown_option_and_the_closest_one():
+    train = ["run", "training", "--config_file", "configs/train.json"]
+    check_overrides([*train, "--tianchi_images", "a", "--train#dataloader#num_workers", "0", "--meta_file", "m"])
+    check_overrides(["run", "--config_file", "['configs/train.json','configs/evaluate.json']", "--fold=2", "--resume"])
+    with pytest.raises(BundleInputError, match=r"unknown option --tianchi_image: .*did you mean --tianchi_images\?"):
+        check_overrides([*train, "--tianchi_image", "lumbar_train150"])
+    with pytest.raises(BundleInputError, match=r"--train#dataloader#num_worker: .*train#dataloader#num_workers\?"):
+        check_overrides([*train, "--train#dataloader#num_worker=0"])
+    with pytest.raises(BundleInputError, match=r"--datset_dir: .*did you mean --dataset_dir\?"):
+        check_overrides(["run", "--config_file", "configs/inference.json", "--datset_dir", "/data"])
+
+
+def test_check_overrides_warns_about_a_key_only_other_configs_read(caplog):
+    with caplog.at_level(logging.WARNING):
+        check_overrides(["run", "--config_file", "configs/inference.json", "--learning_rate", "0.1"])
+    assert "--learning_rate is not read by this run (only by demo.json, train.json)" in caplog.text
+
+
+def _readme_tianchi_commands() -> list[list[str]]:
+    """The README's Tianchi commands as written (continuation lines joined), split into arguments."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("Tianchi SDID-TC (study folders") :]
+    block = block[block.index("```bash") + len("```bash") : block.index("```", block.index("```bash") + 7)]
+    lines = block.replace("\\\n", " ").strip().splitlines()
+    return [shlex.split(line) for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def _run(args: list[str], bundle_root: Path, **overrides: str) -> subprocess.CompletedProcess:
+    assert args[:3] == ["python", "-m", "monai.bundle"]
+    extra = [item for pair in {**TINY, "--bundle_root": str(bundle_root), **overrides}.items() for item in pair]
+    return subprocess.run(
+        [sys.executable, *args[1:], *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _real_tianchi_folders(root: Path) -> None:
+    """Phantoms under the real Tianchi names: lumbar_train150/, lumbar_train51/train/, lumbar_testA50/."""
+    sets = {
+        ("lumbar_train150", "lumbar_train150_annotation.json"): (5, 21),
+        ("lumbar_train51/train", "lumbar_train51_annotation.json"): (2, 22),
+    }
+    for (images, annotation), (studies, seed) in sets.items():
+        generated = generate_phantoms(
+            root / f"gen{seed}", layout="tianchi", studies=studies, seed=seed, min_size=96, max_size=128
+        )
+        (root / images).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(generated / "lumbar_train", root / images)
+        shutil.move(generated / "lumbar_train_annotation.json", root / annotation)
+    test = generate_phantoms(root / "gen23", layout="tianchi", studies=2, seed=23, min_size=96, max_size=128)
+    shutil.move(test / "lumbar_train", root / "lumbar_testA50")  # the test set: study folders, no annotation
+    for seed in (21, 22, 23):
+        shutil.rmtree(root / f"gen{seed}")
+
+
+def test_readme_tianchi_commands_run_as_written_on_real_folder_names(tmp_path):
+    data, out = tmp_path / "tianchi", tmp_path / "OUT"
+    _real_tianchi_folders(data)
+    train, infer = _readme_tianchi_commands()
+    assert "--tianchi_images" in train and "lumbar_train150" in train
+
+    def real(args: list[str]) -> list[str]:
+        return [
+            a.replace("/data/tianchi", str(data)) if a.startswith("/data/tianchi") else str(out) if a == "OUT" else a
+            for a in args
+        ]
+
+    trained = _run(real(train), tmp_path, **{"--max_epochs": "1"})
+    assert trained.returncode == 0, trained.stdout[-3000:] + trained.stderr[-3000:]
+    assert (tmp_path / "models" / "model.pt").is_file()
+    # evaluation of the second set, whose images sit one level deeper (lumbar_train51/train)
+    evaluate = [
+        "python", "-m", "monai.bundle", "run", "--config_file", "['configs/train.json','configs/evaluate.json']",
+        "--dataset_format", "tianchi", "--dataset_dir", str(data), "--tianchi_images", "lumbar_train51/train",
+        "--tianchi_annotation", "lumbar_train51_annotation.json", "--output_dir", str(tmp_path / "ev"),
+    ]  # fmt: skip
+    evaluated = _run(evaluate, tmp_path)
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["streams"]["disc"]["num_studies"] == 2 and metrics["skipped_studies"] == 0
+    inferred = _run(real(infer), tmp_path)
+    assert inferred.returncode == 0, inferred.stdout[-3000:] + inferred.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["study0", "study1"]
+    assert (out / "skipped.csv").read_text() == "study_id,reason\n"
+    # a misspelled option of the README's command stops before any work, naming the closest option
+    typo = [a.replace("--tianchi_images", "--tianchi_image") for a in real(train)]
+    failed = _run(typo, tmp_path / "typo")
+    assert failed.returncode != 0 and "did you mean --tianchi_images?" in failed.stderr
+    assert not (tmp_path / "typo").exists()
+
+
+def _random_rsna_model(path: Path) -> None:
+    """An untrained ResNet-18 SpineOne checkpoint: the skipping does not depend on what the model predicts."""
+    from bundle.networks import SpineOne
+
+    torch.manual_seed(0)
+    net = SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pretrained=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+def _csv_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_rsna_batch_runs_skip_unusable_studies_and_stay_complete(broken_rsna, tmp_path):
+    root, good, no_t2, truncated = broken_rsna
+    _random_rsna_model(tmp_path / "models" / "model.pt")
+    out = tmp_path / "OUT"
+    infer = ["python", "-m", "monai.bundle", "run", "--meta_file", "configs/metadata.json"]
+    infer += ["--config_file", "configs/inference.json", "--dataset_dir", str(root), "--output_dir", str(out)]
+    inferred = _run(infer, tmp_path)
+    log = inferred.stdout + inferred.stderr
+    assert inferred.returncode == 0, log[-3000:]
+    rows = _csv_rows(out / "submission.csv")
+    assert len(rows) == 75 and {r["row_id"].split("_")[0] for r in rows} == {good, no_t2, truncated}
+    prior = read_rsna_prior(root / "train.csv")
+    for row in rows:
+        study, _, column = row["row_id"].partition("_")
+        if study in (no_t2, truncated):
+            condition = next(c for c in CONDITIONS if column.startswith(c))
+            assert [float(row[k]) for k in ("normal_mild", "moderate", "severe")] == pytest.approx(
+                prior[condition], abs=1e-6
+            )
+    skipped = {r["study_id"]: r["reason"] for r in _csv_rows(out / "skipped.csv")}
+    assert set(skipped) == {no_t2, truncated} and "no sagittal T2 series found" in skipped[no_t2]
+    assert log.count(f"study {no_t2} skipped: ") == 1 and log.count(f"study {truncated} skipped: ") == 1
+    assert "1 studies done, 2 skipped" in log
+    assert (out / good / "keypoints.json").is_file() and not (out / no_t2).exists() and not (out / truncated).exists()
+
+    evaluate = [
+        "python",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        "['configs/train.json','configs/evaluate.json']",
+    ]
+    evaluate += ["--dataset_dir", str(root), "--output_dir", str(tmp_path / "ev")]
+    evaluated = _run(evaluate, tmp_path)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["skipped_studies"] == 2 and metrics["streams"]["disc"]["num_studies"] == 3
+    assert "rsna" in metrics  # the skipped studies' constant rows are scored too
+    assert len(_csv_rows(tmp_path / "ev" / "predictions" / "submission.csv")) == 75
+    assert {r["study_id"] for r in _csv_rows(tmp_path / "ev" / "skipped.csv")} == {no_t2, truncated}

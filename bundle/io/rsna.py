@@ -18,6 +18,7 @@ from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.io.series_selection import RSNA_SAGITTAL_T2
+from bundle.skipping import skipped_item
 from bundle.streams import RSNA_LEVELS, RSNA_STREAMS
 
 __all__ = ["build_rsna_datalist", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
@@ -115,7 +116,9 @@ def _sagittal_t2(series: list[tuple[str, str]]) -> list[str]:
     return [sid for sid, desc in series if desc.lower() == RSNA_SAGITTAL_T2.lower()]
 
 
-def build_rsna_datalist(root: str | os.PathLike, *, image_dir: str | None = None, split: str = "train") -> list[dict]:
+def build_rsna_datalist(
+    root: str | os.PathLike, *, image_dir: str | None = None, split: str = "train", keep_unusable: bool = False
+) -> list[dict]:
     """Datalist items (see the project's datalist format) for an RSNA 2024 data folder.
 
     Args:
@@ -126,7 +129,9 @@ def build_rsna_datalist(root: str | os.PathLike, *, image_dir: str | None = None
     Returns:
         items ``{"image": series folder (absolute), "study_id", "series_id", "keypoints": {"disc":
         {"mm": [[x, y, z] | None] * 5, "label": [0|1|2|-1] * 5}}}`` in train.csv / CSV order; test items
-        have no "keypoints". Studies without a Sagittal T2/STIR series are skipped with a warning.
+        have no "keypoints". Studies without a Sagittal T2/STIR series are skipped with a warning; with
+        ``keep_unusable`` (evaluation), they and studies whose points or series cannot be read become skipped
+        items (:func:`bundle.skipping.skipped_item`: reason, labels, no located points) for the batch run.
     """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -154,42 +159,59 @@ def build_rsna_datalist(root: str | os.PathLike, *, image_dir: str | None = None
     items = []
     for study, study_labels in labels.items():
         candidates = _sagittal_t2(series.get(study, []))
-        if not candidates:
-            logger.warning("study %s: no %s series in %s, skipped", study, RSNA_SAGITTAL_T2, series_csv)
-            continue
-        study_points = points.get(study, [])
-        counts = {sid: sum(p["series_id"] == sid for p in study_points) for sid in candidates}
-        chosen = max(candidates, key=lambda sid: counts[sid])  # first one on ties (max keeps the first)
-        folder = images / study / chosen
-        if not folder.is_dir():
-            raise BundleInputError(f"{series_csv}: series folder {folder} not found (study {study})")
-        mm: list[list[float] | None] = [None] * len(RSNA_LEVELS)
-        for level_index, level in enumerate(RSNA_LEVELS):
-            rows = [p for p in study_points if p["level"] == level]
-            rows.sort(key=lambda p: p["series_id"] != chosen)  # points on the chosen series first
-            if not rows:
-                continue
-            if len(rows) > 1:
-                logger.debug("study %s level %s: %d spinal points, using %s", study, level, len(rows), rows[0]["where"])
-            p = rows[0]
-            path = images / study / p["series_id"] / f"{p['instance']}.dcm"
-            if path not in headers:
-                if not path.is_file():
-                    raise BundleInputError(f"{p['where']}: referenced instance file {path} not found")
-                headers[path] = slice_header(read_header(path), path)
-            header = headers[path]
-            if not (0 <= p["x"] < header.cols and 0 <= p["y"] < header.rows):
-                raise BundleInputError(
-                    f"{p['where']}: point (x={p['x']}, y={p['y']}) lies outside the referenced instance "
-                    f"{path} of {header.cols} columns x {header.rows} rows"
-                )
-            mm[level_index] = [float(v) for v in pixel_to_patient(header, p["x"], p["y"])]
-        items.append(
-            {
-                "image": str(folder),
-                "study_id": study,
-                "series_id": chosen,
-                "keypoints": {RSNA_STREAMS[0].name: {"mm": mm, "label": list(study_labels)}},
-            }
-        )
+        try:
+            if not candidates:
+                raise BundleInputError(f"no {RSNA_SAGITTAL_T2} series in {series_csv}")
+            items.append(_labelled_item(study, study_labels, candidates, points.get(study, []), images, headers))
+        except BundleInputError as err:
+            if not keep_unusable and candidates:
+                raise
+            if keep_unusable:  # the batch run reports it (bundle.skipping)
+                unlocated = {RSNA_STREAMS[0].name: {"mm": [None] * len(RSNA_LEVELS), "label": list(study_labels)}}
+                items.append(skipped_item(study, str(err), keypoints=unlocated))
+            else:
+                logger.warning("study %s: %s, skipped", study, err)
     return items
+
+
+def _labelled_item(
+    study: str,
+    study_labels: list[int],
+    candidates: list[str],
+    study_points: list[dict],
+    images: Path,
+    headers: dict[Path, SliceHeader],
+) -> dict:
+    """The item of one labelled study: its Sagittal T2/STIR series and spinal canal points in patient mm."""
+    counts = {sid: sum(p["series_id"] == sid for p in study_points) for sid in candidates}
+    chosen = max(candidates, key=lambda sid: counts[sid])  # first one on ties (max keeps the first)
+    folder = images / study / chosen
+    if not folder.is_dir():
+        raise BundleInputError(f"series folder {folder} not found (study {study})")
+    mm: list[list[float] | None] = [None] * len(RSNA_LEVELS)
+    for level_index, level in enumerate(RSNA_LEVELS):
+        rows = [p for p in study_points if p["level"] == level]
+        rows.sort(key=lambda p: p["series_id"] != chosen)  # points on the chosen series first
+        if not rows:
+            continue
+        if len(rows) > 1:
+            logger.debug("study %s level %s: %d spinal points, using %s", study, level, len(rows), rows[0]["where"])
+        p = rows[0]
+        path = images / study / p["series_id"] / f"{p['instance']}.dcm"
+        if path not in headers:
+            if not path.is_file():
+                raise BundleInputError(f"{p['where']}: referenced instance file {path} not found")
+            headers[path] = slice_header(read_header(path), path)
+        header = headers[path]
+        if not (0 <= p["x"] < header.cols and 0 <= p["y"] < header.rows):
+            raise BundleInputError(
+                f"{p['where']}: point (x={p['x']}, y={p['y']}) lies outside the referenced instance "
+                f"{path} of {header.cols} columns x {header.rows} rows"
+            )
+        mm[level_index] = [float(v) for v in pixel_to_patient(header, p["x"], p["y"])]
+    return {
+        "image": str(folder),
+        "study_id": study,
+        "series_id": chosen,
+        "keypoints": {RSNA_STREAMS[0].name: {"mm": mm, "label": list(study_labels)}},
+    }
