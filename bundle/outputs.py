@@ -55,7 +55,7 @@ def best_constant(frequencies: Sequence[float], weights: Sequence[float] = SAMPL
 
     Example:
         >>> [round(p, 4) for p in best_constant((0.5, 0.25, 0.25))]
-        [0.2, 0.2, 0.6]
+        [0.25, 0.25, 0.5]
     """
     mass = np.asarray(frequencies, dtype=np.float64) * np.asarray(weights, dtype=np.float64)
     if mass.ndim != 1 or mass.sum() <= 0 or (mass < 0).any():
