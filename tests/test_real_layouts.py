@@ -26,7 +26,7 @@ from bundle.rsna_metric import CONDITIONS, LABEL_COLUMNS, SAMPLE_WEIGHTS, weight
 from bundle.skipping import SKIPPED_KEY, SkippedStudiesWriter, skip_unusable, skipped_reasons
 from bundle.streams import RSNA_STREAMS
 from bundle.studies import find_studies
-from bundle.workflow import load_datalist
+from bundle.workflow import inference_datalist, load_datalist
 from ignite.engine import Engine
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, ResizeWithPadOrCropd
@@ -411,3 +411,32 @@ def test_rsna_batch_runs_skip_unusable_studies_and_stay_complete(broken_rsna, tm
     assert "rsna" in metrics  # the skipped studies' constant rows are scored too
     assert len(_csv_rows(tmp_path / "ev" / "predictions" / "submission.csv")) == 75
     assert {r["study_id"] for r in _csv_rows(tmp_path / "ev" / "skipped.csv")} == {no_t2, truncated}
+
+
+def test_800_pixel_series_load_with_their_labels(tmp_path):
+    """Real sagittal series reach about 800 x 800 pixels: read, labelled and loaded at full size."""
+    root = generate_phantoms(tmp_path / "big", layout="rsna", studies=1, seed=5, min_size=800, max_size=800)
+    (item,) = load_datalist(root, "rsna", "all")
+    image = LoadSagittalSeriesd(keys="image", num_slices=7)(item)["image"]
+    assert tuple(image.shape) == (7, 800, 800)
+    points = [p for p in item["keypoints"]["disc"]["mm"] if p is not None]
+    ijk = [np.linalg.solve(image.affine.numpy(), [*p, 1.0])[:2] for p in points]
+    assert len(points) == 5 and all(0 <= v < 800 for rc in ijk for v in rc)
+
+
+def test_inference_datalist_reads_the_tianchi_options(tmp_path, caplog):
+    root = generate_phantoms(tmp_path / "t", layout="tianchi", studies=2, seed=4, min_size=64, max_size=96)
+    annotation = json.loads((root / "lumbar_train_annotation.json").read_text())
+    annotated = {s["studyUid"]: s["data"][0]["seriesUid"] for s in annotation}
+    searched = inference_datalist(root, "tianchi", "lumbar_train")
+    assert sorted(it["study_id"] for it in searched) == ["study0", "study1"]
+    named = inference_datalist(root, "tianchi", "lumbar_train", "lumbar_train_annotation.json")
+    assert {it["study_id"]: it["series_id"] for it in named} == annotated
+    assert all("keypoints" not in it and it["image"] for it in named)
+    with pytest.raises(BundleInputError, match="tianchi_annotation needs tianchi_images"):
+        inference_datalist(root, "tianchi", None, "lumbar_train_annotation.json")
+    with pytest.raises(BundleInputError, match="must pair up one to one"):
+        inference_datalist(root, "tianchi", ["lumbar_train", "x"], "lumbar_train_annotation.json")
+    with caplog.at_level(logging.WARNING):
+        inference_datalist(root / "lumbar_train", "rsna", "lumbar_train")
+    assert "unused with dataset_format rsna" in caplog.text
