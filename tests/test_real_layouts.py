@@ -440,3 +440,26 @@ def test_inference_datalist_reads_the_tianchi_options(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         inference_datalist(root / "lumbar_train", "rsna", "lumbar_train")
     assert "unused with dataset_format rsna" in caplog.text
+
+
+def _documented_run_commands() -> list[list[str]]:
+    """Every ``monai.bundle run`` command of README.md and docs/README.md's bash blocks, as argv after the module."""
+    commands = []
+    for doc in (ROOT / "README.md", ROOT / "docs" / "README.md"):
+        parts = doc.read_text().split("```")
+        for block in parts[1::2]:
+            if not block.startswith("bash"):
+                continue
+            for line in block[4:].replace("\\\n", " ").replace("$B", str(ROOT)).splitlines():  # $B: bundle root
+                for command in line.split("&&"):
+                    tokens = shlex.split(command, comments=True)
+                    if "monai.bundle" in tokens and tokens[tokens.index("monai.bundle") + 1 :][:1] == ["run"]:
+                        commands.append(tokens[tokens.index("monai.bundle") + 1 :])
+    return commands
+
+
+def test_every_documented_run_command_passes_the_option_check():
+    commands = _documented_run_commands()
+    assert len(commands) >= 6 and any("--tianchi_annotation" in c for c in commands)
+    for argv in commands:
+        check_overrides(argv)  # raises on an option no config of that command reads
