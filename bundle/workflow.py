@@ -117,8 +117,8 @@ def load_datalist(
     ``datalist``, when given, is a datalist JSON written by ``scripts/prepare_datalist.py`` and is used as is.
     Otherwise the readers scan ``dataset_dir`` (RSNA: the CSVs and ``train_images``; Tianchi: ``tianchi_images``
     and ``tianchi_annotation`` under it, one set or lists of sets, see :func:`tianchi_sets`) and the studies are
-    split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps RSNA studies that
-    cannot be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping.
+    split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps studies that cannot
+    be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping.
     """
     if split not in ("training", "validation", "all"):
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}")
@@ -139,7 +139,7 @@ def load_datalist(
             all_items = [
                 item
                 for images, annotation in tianchi_sets(root, tianchi_images, tianchi_annotation)
-                for item in build_tianchi_datalist(images, annotation)
+                for item in build_tianchi_datalist(images, annotation, keep_unusable=skip_unusable)
             ]
         if not all_items:
             raise BundleInputError(f"no labelled study found in {root} ({dataset_format} layout)")

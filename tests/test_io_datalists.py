@@ -277,6 +277,10 @@ def test_tianchi_missing_instance(tmp_path):
     info["json"].write_text(json.dumps(annotation))
     with pytest.raises(BundleInputError, match=r"study 1\.2\.3\.100: annotated instance 9\.9\.9 not found"):
         build_tianchi_datalist(info["images"], info["json"])
+    kept = build_tianchi_datalist(info["images"], info["json"], keep_unusable=True)  # evaluation's batch run
+    skipped = [it for it in kept if it.get("skipped")]
+    assert len(skipped) == 1 and "annotated instance 9.9.9 not found" in skipped[0]["skipped"]
+    assert skipped[0]["image"] == [] and skipped[0]["keypoints"]["disc"]["mm"] == [None] * 6
 
 
 # ---------------------------------------------------------------- folds and files

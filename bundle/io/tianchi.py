@@ -17,6 +17,7 @@ from pathlib import Path
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
+from bundle.skipping import skipped_item
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_STREAMS, TIANCHI_VERTEBRA_LEVELS, StreamSpec, parse_streams
 
 __all__ = ["DEFAULT_TIANCHI_CLASS_MAP", "DicomIndex", "index_dicom_folder", "tag_class", "build_tianchi_datalist"]
@@ -94,6 +95,7 @@ def build_tianchi_datalist(
     class_map: Mapping[str, Mapping[str, int]] | None = None,
     streams: Mapping[str, Mapping] | Sequence[StreamSpec] = TIANCHI_STREAMS,
     index: DicomIndex | None = None,
+    keep_unusable: bool = False,
 ) -> list[dict]:
     """Datalist items (project datalist format) for a Tianchi image folder and its annotation JSON.
 
@@ -105,6 +107,8 @@ def build_tianchi_datalist(
         streams: stream specs (default disc T12-L1..L5-S1, vertebra L1..L5); points of levels outside them
             (e.g. the rare T11-T12) are ignored with a debug log.
         index: a prebuilt :func:`index_dicom_folder` result (else built here).
+        keep_unusable: an annotated series whose files are absent becomes a skipped item
+            (:func:`bundle.skipping.skipped_item`) instead of an error (evaluation).
 
     Returns:
         one item per annotated series: ``{"image": [files of the series], "study_id": studyUid,
@@ -146,10 +150,19 @@ def build_tianchi_datalist(
             except (KeyError, TypeError, IndexError) as err:
                 raise BundleInputError(f"{where_study}: malformed series entry ({err!r})") from err
             files = index.by_series.get((study_uid, series_uid))
-            if not files:
-                raise BundleInputError(f"{where_study}: no DICOM file of series {series_uid} under {images_root}")
-            if sop_uid not in index.by_sop:
-                raise BundleInputError(f"{where_study}: annotated instance {sop_uid} not found under {images_root}")
+            missing = (
+                f"no DICOM file of series {series_uid} under {images_root}"
+                if not files
+                else (
+                    f"annotated instance {sop_uid} not found under {images_root}" if sop_uid not in index.by_sop else ""
+                )
+            )
+            if missing and keep_unusable:  # evaluation: the batch run reports it (bundle.skipping)
+                unlocated = {s.name: {"mm": [None] * s.num_levels, "label": [-1] * s.num_levels} for s in specs}
+                items.append(skipped_item(study_uid, f"{where_study}: {missing}", series_uid, keypoints=unlocated))
+                continue
+            if missing:
+                raise BundleInputError(f"{where_study}: {missing}")
             path = index.by_sop[sop_uid]
             header = slice_header(read_header(path), path)
             keypoints = {s.name: {"mm": [None] * s.num_levels, "label": [-1] * s.num_levels} for s in specs}
