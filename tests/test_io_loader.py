@@ -184,6 +184,33 @@ def test_folder_errors(tmp_path):
         load_sagittal_series(tmp_path / "s")
 
 
+@pytest.mark.parametrize("path", ["", "   ", None])
+def test_empty_path_never_reads_the_working_directory(tmp_path, monkeypatch, path):
+    files = write_series(tmp_path, n_slices=3)  # a valid series in the working directory must not be picked up
+    monkeypatch.chdir(tmp_path)
+    assert load_sagittal_series(".", 3).shape[0] == 3
+    with pytest.raises(BundleInputError, match=r"empty series path .*working directory"):
+        LoadSagittalSeriesd(keys="image", num_slices=3)({"image": path})
+    with pytest.raises(BundleInputError, match="empty series path"):
+        load_sagittal_series([files[0], path], 3)
+
+
+def test_missing_path_key_is_named():
+    with pytest.raises(KeyError, match="Key `image` of transform `LoadSagittalSeriesd` was missing"):
+        LoadSagittalSeriesd(keys="image")({"study_id": "7"})
+    assert LoadSagittalSeriesd(keys="image", allow_missing_keys=True)({"study_id": "7"}) == {"study_id": "7"}
+
+
+def test_non_existent_path_is_named(tmp_path):
+    missing = tmp_path / "studies" / "unknown.series"
+    with pytest.raises(BundleInputError, match=rf"{missing}: series folder or file not found"):
+        LoadSagittalSeriesd(keys="image")({"image": str(missing)})
+    write_series(tmp_path / "s", n_slices=2)
+    files = sorted((tmp_path / "s").glob("*.dcm")) + [tmp_path / "s" / "gone.dcm"]
+    with pytest.raises(BundleInputError, match=r"gone\.dcm: series folder or file not found"):
+        LoadSagittalSeriesd(keys="image")({"image": files})
+
+
 # ---------------------------------------------------------------- MONAI transforms keep the geometry
 
 

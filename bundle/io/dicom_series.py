@@ -97,15 +97,28 @@ def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
     return header.position + x * header.pixel_spacing[1] * iop[:3] + y * header.pixel_spacing[0] * iop[3:]
 
 
+def _checked_path(path: str | os.PathLike | None, what: str) -> Path:
+    """``path`` as a Path, refusing ``None`` and empty names: ``Path("")`` would be the working directory,
+    whose DICOM files would then be read instead of the requested ``what``."""
+    if path is None or not os.fspath(path).strip():
+        raise BundleInputError(
+            f"empty {what} path {path!r}: name a {what} folder or DICOM file (an empty path would read the working "
+            "directory; MONAI Label passes one for an unknown image id)"
+        )
+    found = Path(path)
+    if not found.exists():
+        raise BundleInputError(f"{found}: {what} folder or file not found")
+    return found
+
+
 def list_dicom_files(
-    source: str | os.PathLike | Sequence[str | os.PathLike], *, recursive: bool = False, what: str = "series"
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None, *, recursive: bool = False, what: str = "series"
 ) -> list[Path]:
     """Files of a ``what`` ("series" or "study") given as a directory (its regular files, searched
-    recursively when asked; ``*.dcm`` if any) or a list of paths."""
-    if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.exists():
-            raise BundleInputError(f"{folder}: {what} folder or file not found")
+    recursively when asked; ``*.dcm`` if any) or a list of paths. Empty, ``None`` or non-existent paths
+    raise BundleInputError naming them."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        folder = _checked_path(source, what)
         if folder.is_file():
             return [folder]
         found = folder.rglob("*") if recursive else folder.iterdir()
@@ -115,7 +128,7 @@ def list_dicom_files(
         if not files:
             raise BundleInputError(f"{folder}: the {what} folder holds no files")
         return files
-    files = [Path(p) for p in source]
+    files = [_checked_path(p, what) for p in source]
     if not files:
         raise BundleInputError(f"empty list of DICOM files: a {what} needs at least one file")
     return files
