@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ import bundle
 import pytest
 import torch
 import yaml
-from monai.bundle import verify_metadata, verify_net_in_out
+from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -109,10 +110,33 @@ def _packager():
     return module
 
 
-def test_package_contents_and_large_files(tmp_path, monkeypatch):
-    packager = _packager()
-    out = tmp_path / "pkg"
-    files = packager.package(ROOT, out)
+def _fake_bundle(root: Path, weights: bytes | None = None, demo_weights: bytes | None = None) -> Path:
+    """A minimal bundle root: metadata, an inference config, the demo override and optional weights."""
+    (root / "configs").mkdir(parents=True)
+    (root / "models" / "demo").mkdir(parents=True)
+    (root / "configs" / "metadata.json").write_text("{}\n")
+    (root / "configs" / "inference.json").write_text(json.dumps({"backbone_depth": 50, "input_size": 640}) + "\n")
+    demo = {"ckpt_dir": "$@bundle_root + '/models/demo'", "backbone_depth": 18, "input_size": 224, "max_epochs": 24}
+    (root / "configs" / "demo.json").write_text(json.dumps(demo) + "\n")
+    if weights is not None:
+        (root / "models" / "model.pt").write_bytes(weights)
+    if demo_weights is not None:
+        (root / "models" / "demo" / "model.pt").write_bytes(demo_weights)
+    return root
+
+
+def _run_packager(*args: str) -> subprocess.CompletedProcess:
+    script = str(ROOT / "scripts" / "package_bundle.py")
+    return subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_package_contents_without_weights(tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "models", "data", "eval", ".venv*", "outputs"))
+    result = _run_packager("--src", str(src), "--out", str(tmp_path / "pkg"))
+    assert result.returncode == 0, result.stderr
+    assert "the copy has no weights" in result.stderr
+    files = [str(p.relative_to(tmp_path / "pkg")) for p in (tmp_path / "pkg").rglob("*") if p.is_file()]
     for required in (
         "configs/metadata.json",
         "configs/inference.json",
@@ -120,42 +144,111 @@ def test_package_contents_and_large_files(tmp_path, monkeypatch):
         "LICENSE",
         "README.md",
         "docs/README.md",
-        "models/README.md",
         "requirements.txt",
         "bundle/__init__.py",
         "scripts/package_bundle.py",
-        "large_files.yml",
     ):
         assert required in files, required
+    assert "large_files.yml" not in files and "models/model.pt" not in files  # never a placeholder entry
     assert not any(f.startswith(("tests/", "data/", "eval/", "outputs/", ".venv", ".git", "docs/dev/")) for f in files)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
-    if not (ROOT / "models" / "model.pt").is_file():
-        entry = yaml.safe_load((out / "large_files.yml").read_text())["large_files"][0]
-        assert entry["path"] == "models/model.pt" and entry["url"] and entry["hash_type"] == "md5"
-    # refuses a non-empty folder
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(out)], capture_output=True, text=True
-    )
+    assert not {"setup.cfg", "pyproject.toml", ".ci/run"} & set(files)  # the zoo's own settings apply there
+    result = _run_packager("--out", str(tmp_path / "pkg"))
     assert result.returncode != 0 and "not an empty folder" in result.stderr
 
-    # a small model.pt is shipped, a large one is listed with its hash
-    src = tmp_path / "src"
-    (src / "configs").mkdir(parents=True)
-    (src / "models").mkdir()
-    (src / "configs" / "metadata.json").write_text("{}")
-    (src / "models" / "model.pt").write_bytes(b"0123456789")
+
+def test_package_weights_small_large_published_or_local(tmp_path, monkeypatch):
+    packager = _packager()
+    src = _fake_bundle(tmp_path / "src", weights=b"0123456789")
     small = packager.package(src, tmp_path / "small")
     assert "models/model.pt" in small and "large_files.yml" not in small
+
     monkeypatch.setattr(packager, "MAX_SHIPPED_BYTES", 5)
-    large = packager.package(src, tmp_path / "large", weights_url="https://host/model.pt")
+    with pytest.raises(SystemExit, match=r"over the zoo's .* needs a real download URL and hash.*--weights-url URL"):
+        packager.package(src, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()  # refused before anything is written
+    with pytest.raises(SystemExit, match="placeholder host"):
+        packager.package(src, tmp_path / "placeholder", "https://example.invalid/spineone/model.pt")
+    with pytest.raises(SystemExit, match="not an http"):
+        packager.package(src, tmp_path / "nourl", "model.pt")
+
+    large = packager.package(src, tmp_path / "large", weights_url="https://host.org/model.pt")
     assert "models/model.pt" not in large
     entry = yaml.safe_load((tmp_path / "large" / "large_files.yml").read_text())["large_files"][0]
     assert entry == {
         "path": "models/model.pt",
-        "url": "https://host/model.pt",
-        "hash_val": "781e5e245d69b566979b86e28d23f2c7",
+        "url": "https://host.org/model.pt",
+        "hash_val": "781e5e245d69b566979b86e28d23f2c7",  # md5sum of b"0123456789"
         "hash_type": "md5",
     }
+    packager.package(src, tmp_path / "sha", "https://host.org/model.pt", hash_type="sha256")
+    entry = yaml.safe_load((tmp_path / "sha" / "large_files.yml").read_text())["large_files"][0]
+    assert entry["hash_val"] == "84d89877f0d4041efb6bf91a16f0248f2fd573e6af05c19f96bedb9f882f7882"
+    with pytest.raises(SystemExit, match="differs from the md5"):
+        packager.package(src, tmp_path / "wrong", "https://host.org/model.pt", weights_hash="0" * 32)
+
+    local = packager.package(src, tmp_path / "local", local_weights=True)  # any size, for verify_bundle.py
+    assert "models/model.pt" in local and "large_files.yml" not in local
+    assert (tmp_path / "local" / "models" / "model.pt").read_bytes() == b"0123456789"
+
+    bare = _fake_bundle(tmp_path / "bare")  # weights published elsewhere, not here
+    with pytest.raises(SystemExit, match="pass --weights-hash"):
+        packager.package(bare, tmp_path / "nohash", "https://host.org/model.pt")
+    packager.package(bare, tmp_path / "hashed", "https://host.org/model.pt", weights_hash="AB" * 16)
+    entry = yaml.safe_load((tmp_path / "hashed" / "large_files.yml").read_text())["large_files"][0]
+    assert entry["hash_val"] == "ab" * 16
+    with pytest.raises(SystemExit, match="not a md5 hex digest"):
+        packager.package(bare, tmp_path / "badhash", "https://host.org/model.pt", weights_hash="xyz")
+    with pytest.raises(SystemExit, match="--local-weights needs"):
+        packager.package(bare, tmp_path / "nolocal", local_weights=True)
+    result = _run_packager("--src", str(bare), "--out", str(tmp_path / "both"), "--demo", "--local-weights")
+    assert result.returncode != 0 and "not allowed with argument" in result.stderr
+
+
+def test_package_demo_writes_weights_and_overrides(tmp_path):
+    src = _fake_bundle(tmp_path / "src", weights=b"trained", demo_weights=b"demo")
+    result = _run_packager("--src", str(src), "--out", str(tmp_path / "pkg"), "--demo")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "pkg" / "models" / "model.pt").read_bytes() == b"demo"
+    config = json.loads((tmp_path / "pkg" / "configs" / "inference.json").read_text())
+    assert config == {"backbone_depth": 18, "input_size": 224}  # demo keys inference has, not ckpt_dir
+    assert (tmp_path / "pkg" / "configs" / "inference.json").read_text().endswith("}\n")
+    nodemo = _fake_bundle(tmp_path / "nodemo")
+    result = _run_packager("--src", str(nodemo), "--out", str(tmp_path / "pkg2"), "--demo")
+    assert result.returncode != 0 and "--demo needs" in result.stderr and "models/demo/model.pt" in result.stderr
+
+
+def test_packaged_demo_copy_serves_as_it_is(tmp_path):
+    """The real configs: a demo-shaped random model.pt in a bundle copy, packaged with --demo, passes the strict
+    check and runs inference.json alone (no overrides but the data) on a phantom study."""
+    src = tmp_path / "src"
+    _packager().package(ROOT, src)
+    torch.manual_seed(0)
+    demo = json.loads((ROOT / "configs" / "demo.json").read_text())
+    net = bundle.SpineOne({"disc": 3}, backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"])
+    (src / "models" / "demo").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), src / "models" / "demo" / "model.pt")
+    out = tmp_path / "served"
+    _packager().package(src, out, demo=True)
+    served = json.loads((out / "configs" / "inference.json").read_text())
+    for key in ("backbone_depth", "pixdim", "input_size", "radius"):
+        assert served[key] == demo[key], key
+    workflow = ConfigWorkflow(
+        workflow_type="infer",
+        config_file=str(out / "configs" / "inference.json"),
+        meta_file=str(out / "configs" / "metadata.json"),
+        logging_file=str(out / "configs" / "logging.conf"),
+        bundle_root=str(out),
+        phantom_studies=1,
+        phantom_max_size=256,
+        num_workers=0,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    studies = [p for p in (out / "outputs").iterdir() if p.is_dir()]
+    points = json.loads((studies[0] / "keypoints.json").read_text())
+    assert len(studies) == 1 and "keypoints" in points
 
 
 def test_packaged_copy_trains_from_another_directory(tmp_path):
