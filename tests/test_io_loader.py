@@ -13,7 +13,7 @@ from monai import transforms as mt
 from pydicom.encaps import encapsulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle.errors import BundleInputError  # noqa: E402
+from bundle.errors import BundleInputError, MissingInputError  # noqa: E402
 from bundle.io import (  # noqa: E402
     InPlaneSpacingd,
     LoadSagittalSeriesd,
@@ -189,8 +189,9 @@ def test_empty_path_never_reads_the_working_directory(tmp_path, monkeypatch, pat
     files = write_series(tmp_path, n_slices=3)  # a valid series in the working directory must not be picked up
     monkeypatch.chdir(tmp_path)
     assert load_sagittal_series(".", 3).shape[0] == 3
-    with pytest.raises(BundleInputError, match=r"empty series path .*working directory"):
+    with pytest.raises(BundleInputError, match=r"empty series path .*working directory.*image id") as info:
         LoadSagittalSeriesd(keys="image", num_slices=3)({"image": path})
+    assert isinstance(info.value, MissingInputError) and info.value.status_code == 404  # HTTP answer behind a server
     with pytest.raises(BundleInputError, match="empty series path"):
         load_sagittal_series([files[0], path], 3)
 
@@ -275,3 +276,12 @@ def test_monai_spacingd_cannot_handle_sagittal_affine(tmp_path):
     img = load_sagittal_series(tmp_path / "s")
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         mt.Spacingd("image", pixdim=(0.4375, 0.4375))({"image": img})
+
+
+def test_input_errors_pickle_and_render_as_http_answers():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(MissingInputError("x.dcm: series folder or file not found")))
+    assert type(error) is MissingInputError and str(error) == "x.dcm: series folder or file not found"
+    assert (error.status_code, error.detail) == (404, str(error)) and BundleInputError("bad").status_code == 400
+    assert isinstance(error, ValueError)

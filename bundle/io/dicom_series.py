@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bundle.errors import BundleInputError
+from bundle.errors import BundleInputError, MissingInputError
 from bundle.io.pixels import read_header
 from pydicom.dataset import Dataset
 
@@ -98,16 +98,17 @@ def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
 
 
 def _checked_path(path: str | os.PathLike | None, what: str) -> Path:
-    """``path`` as a Path, refusing ``None`` and empty names: ``Path("")`` would be the working directory,
-    whose DICOM files would then be read instead of the requested ``what``."""
+    """``path`` as a Path, refusing ``None``, empty names and paths that do not exist (MissingInputError, HTTP
+    404 behind a server). ``Path("")`` would be the working directory, whose DICOM files would then be read
+    instead of the requested ``what``."""
     if path is None or not os.fspath(path).strip():
-        raise BundleInputError(
-            f"empty {what} path {path!r}: name a {what} folder or DICOM file (an empty path would read the working "
-            "directory; MONAI Label passes one for an unknown image id)"
+        raise MissingInputError(
+            f"empty {what} path {path!r}: no image was named, so none is read (an empty path would read the working"
+            " directory); behind MONAI Label this means the requested image id is not in its datastore"
         )
     found = Path(path)
     if not found.exists():
-        raise BundleInputError(f"{found}: {what} folder or file not found")
+        raise MissingInputError(f"{found}: {what} folder or file not found")
     return found
 
 
