@@ -26,7 +26,7 @@ class BundleInputError(ValueError, *_HTTP_BASES):  # type: ignore[misc]
     status_code = 400
 
     def __init__(self, message: str) -> None:
-        ValueError.__init__(self, message)
+        super().__init__(message)
         self.detail = message
         self.headers = None
 
