@@ -14,7 +14,7 @@ import bundle
 import pytest
 import torch
 import yaml
-from monai.bundle import ConfigWorkflow, verify_metadata, verify_net_in_out
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -284,3 +284,129 @@ def test_packaged_copy_trains_from_another_directory(tmp_path):
     assert list(elsewhere.iterdir()) == []
     state = torch.load(pkg / "models" / "demo" / "model.pt", map_location="cpu", weights_only=True)
     assert "backbone.conv1.weight" in state
+
+
+ZOO_NAME = "spineone_lumbar_mri_keypoints"  # the bundle's folder name under the zoo's models/
+ZOO_UNIT_TEST = ROOT / "tests" / "zoo_ci" / f"test_{ZOO_NAME}.py"
+
+
+def _zoo_checkout(tmp_path: Path, *package_args: str, src: Path = ROOT) -> Path:
+    """A zoo-shaped folder: the packaged bundle at models/<name>/ and the zoo-layout unit test in ci/unit_tests/."""
+    zoo = tmp_path / "zoo"
+    result = _run_packager("--src", str(src), "--out", str(zoo / "models" / ZOO_NAME), *package_args)
+    assert result.returncode == 0, result.stderr
+    (zoo / "ci" / "unit_tests").mkdir(parents=True)
+    shutil.copy(ZOO_UNIT_TEST, zoo / "ci" / "unit_tests" / ZOO_UNIT_TEST.name)
+    return zoo
+
+
+def test_zoo_layout_unit_test_trains_then_infers(tmp_path):
+    """The zoo's way: from the zoo root, PYTHONPATH the zoo root, ConfigWorkflow train then inference."""
+    zoo = _zoo_checkout(tmp_path)
+    bundle_dir = zoo / "models" / ZOO_NAME
+
+    def listing() -> set[str]:
+        return {str(p.relative_to(bundle_dir)) for p in bundle_dir.rglob("*") if "__pycache__" not in p.parts}
+
+    before = listing()
+    cmd = [sys.executable, str(Path("ci") / "unit_tests" / ZOO_UNIT_TEST.name)]
+    result = subprocess.run(cmd, cwd=zoo, env=_env(PYTHONPATH=str(zoo)), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Ran 2 tests" in result.stderr and result.stderr.rstrip().endswith("OK")
+    assert listing() == before  # phantoms, weights and outputs went to a temporary folder, not into the bundle
+
+
+def _verify_offline(bundle_root: Path, schema: Path) -> None:
+    """What the zoo's ``verify_bundle.py`` checks, without its download step: required and preferred files,
+    ``large_files.yml`` complete, version in the changelog, metadata against the schema, the network's input
+    and output against the metadata, and the TorchScript export of models/model.pt."""
+    packager = _packager()
+    for name in ("configs/metadata.json", "LICENSE", "configs/inference.json"):
+        assert (bundle_root / name).is_file(), name
+    large = bundle_root / "large_files.yml"
+    if large.exists():
+        entries = yaml.safe_load(large.read_text())["large_files"]
+        assert [e["path"] for e in entries] == ["models/model.pt"]
+        for entry in entries:
+            packager.check_weights_url(entry["url"])
+            assert entry["hash_type"] in packager.HASH_TYPES and len(entry["hash_val"]) >= 32
+    else:
+        assert (bundle_root / "models" / "model.pt").is_file()
+    meta = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"]
+    verify_metadata(meta_file=str(bundle_root / "configs" / "metadata.json"), filepath=str(schema))
+    common = {
+        "net_id": "network_def",
+        "meta_file": str(bundle_root / "configs" / "metadata.json"),
+        "config_file": str(bundle_root / "configs" / "inference.json"),
+        "bundle_root": str(bundle_root),
+    }
+    verify_net_in_out(**common, device="cpu", **{"_meta_#network_data_format#inputs#image#spatial_shape": [128, 128]})
+    if not large.exists():
+        ts = bundle_root / "models" / "verify_model.ts"
+        ckpt_export(**common, filepath=str(ts), ckpt_file=str(bundle_root / "models" / "model.pt"))
+        assert torch.jit.load(str(ts))(torch.randn(1, 7, 64, 64)).shape == (1, 9, 16, 16)
+
+
+def test_packaged_copy_passes_verify_bundle_checks_offline(tmp_path, meta_schema, monkeypatch):
+    import monai.apps.utils
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"downloads nothing: {args} {kwargs}")
+
+    monkeypatch.setattr(monai.apps.utils, "download_url", no_download)
+    src = tmp_path / "src"
+    _packager().package(ROOT, src)
+    config = json.loads((src / "configs" / "inference.json").read_text())
+    config["backbone_depth"] = 18  # a small network, as a copy for a demo-sized model would configure it
+    (src / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
+    torch.manual_seed(0)
+    net = bundle.SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"])
+    (src / "models").mkdir(exist_ok=True)
+    torch.save(net.state_dict(), src / "models" / "model.pt")
+
+    local = _zoo_checkout(tmp_path / "local", "--local-weights", src=src) / "models" / ZOO_NAME
+    _verify_offline(local, meta_schema)
+    published = _zoo_checkout(tmp_path / "url", "--weights-url", "https://host.org/v0.1.0/model.pt", src=src)
+    _verify_offline(published / "models" / ZOO_NAME, meta_schema)
+    assert not (published / "models" / ZOO_NAME / "models" / "model.pt").exists()
+
+
+def _zoo_settings(zoo: Path) -> None:
+    """The zoo root's format settings: this repository's (which copy the zoo's), without the hint that makes
+    ``bundle`` third-party here; from the zoo root isort must find that on its own."""
+    cfg = (ROOT / "setup.cfg").read_text()
+    assert "known_third_party = bundle\n" in cfg
+    (zoo / "setup.cfg").write_text(cfg.replace("known_third_party = bundle\n", ""))
+    shutil.copy(ROOT / "pyproject.toml", zoo / "pyproject.toml")
+
+
+@pytest.mark.skipif(
+    any(importlib.util.find_spec(m) is None for m in ("black", "isort", "flake8", "pre_commit_hooks")),
+    reason="the format tools of requirements-dev.txt are not installed",
+)
+def test_packaged_copy_passes_zoo_format_checks(tmp_path):
+    zoo = _zoo_checkout(tmp_path)
+    _zoo_settings(zoo)
+    bundle_dir = zoo / "models" / ZOO_NAME
+    for tool in (["isort", "--check", "--diff"], ["black", "--skip-magic-trailing-comma", "--check"], ["flake8"]):
+        result = subprocess.run([sys.executable, "-m", *tool, str(zoo)], cwd=zoo, capture_output=True, text=True)
+        assert result.returncode == 0, (tool, result.stdout[-3000:], result.stderr[-3000:])
+    files = [p for p in bundle_dir.rglob("*") if p.is_file()]
+    hooks = {
+        "pretty_format_json": ["--no-sort-keys", "--indent=4", *[str(p) for p in files if p.suffix == ".json"]],
+        "end_of_file_fixer": [str(p) for p in files],
+        "trailing_whitespace_fixer": [str(p) for p in files],
+        "mixed_line_ending": ["--fix=no", *[str(p) for p in files]],
+        "check_yaml": [str(p) for p in files if p.suffix in (".yml", ".yaml")],
+        "check_docstring_first": [str(p) for p in files if p.suffix == ".py"],
+        "check_executables_have_shebangs": [str(p) for p in files if os.access(p, os.X_OK)],
+    }
+    for hook, args in hooks.items():
+        if not args or args[-1].startswith("--"):
+            continue
+        result = subprocess.run(
+            [sys.executable, "-m", f"pre_commit_hooks.{hook}", *args], capture_output=True, text=True
+        )
+        assert result.returncode == 0, (hook, result.stdout[-3000:])
+    assert max(p.stat().st_size for p in files) <= 1024 * 1024  # the zoo's check-added-large-files limit
