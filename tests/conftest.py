@@ -3,6 +3,8 @@
 ``monailabel``: tests that start a MONAI Label server. They need the separate environment of
 requirements-monailabel.txt and run only when ``SPINEONE_MONAILABEL=1``; otherwise they are deselected.
 
+``zoo_ci/``: the model-zoo unit test, written for the zoo's ``ci/unit_tests/`` and collected only there.
+
 ``meta_schema``: a copy of the model zoo's metadata schema, taken from the file named by the environment
 variable ``SPINEONE_META_SCHEMA`` (``.ci/run`` points it at the workspace copy). No test reads outside the
 repository by itself: without the variable, the tests that need the schema are skipped with the reason.
@@ -17,6 +19,8 @@ from pathlib import Path
 import pytest
 
 OPT_IN = {"monailabel": "SPINEONE_MONAILABEL"}
+# the zoo-layout unit test (unittest, run from a zoo checkout's root): tests/test_zoo.py runs it in that layout
+collect_ignore = ["zoo_ci"]
 SCHEMA_ENV = "SPINEONE_META_SCHEMA"
 
 

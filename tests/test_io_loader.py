@@ -13,7 +13,7 @@ from monai import transforms as mt
 from pydicom.encaps import encapsulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bundle.errors import BundleInputError  # noqa: E402
+from bundle.errors import BundleInputError, MissingInputError  # noqa: E402
 from bundle.io import (  # noqa: E402
     InPlaneSpacingd,
     LoadSagittalSeriesd,
@@ -184,6 +184,34 @@ def test_folder_errors(tmp_path):
         load_sagittal_series(tmp_path / "s")
 
 
+@pytest.mark.parametrize("path", ["", "   ", None])
+def test_empty_path_never_reads_the_working_directory(tmp_path, monkeypatch, path):
+    files = write_series(tmp_path, n_slices=3)  # a valid series in the working directory must not be picked up
+    monkeypatch.chdir(tmp_path)
+    assert load_sagittal_series(".", 3).shape[0] == 3
+    with pytest.raises(BundleInputError, match=r"empty series path .*working directory.*image id") as info:
+        LoadSagittalSeriesd(keys="image", num_slices=3)({"image": path})
+    assert isinstance(info.value, MissingInputError) and info.value.status_code == 404  # HTTP answer behind a server
+    with pytest.raises(BundleInputError, match="empty series path"):
+        load_sagittal_series([files[0], path], 3)
+
+
+def test_missing_path_key_is_named():
+    with pytest.raises(KeyError, match="Key `image` of transform `LoadSagittalSeriesd` was missing"):
+        LoadSagittalSeriesd(keys="image")({"study_id": "7"})
+    assert LoadSagittalSeriesd(keys="image", allow_missing_keys=True)({"study_id": "7"}) == {"study_id": "7"}
+
+
+def test_non_existent_path_is_named(tmp_path):
+    missing = tmp_path / "studies" / "unknown.series"
+    with pytest.raises(BundleInputError, match=rf"{missing}: series folder or file not found"):
+        LoadSagittalSeriesd(keys="image")({"image": str(missing)})
+    write_series(tmp_path / "s", n_slices=2)
+    files = sorted((tmp_path / "s").glob("*.dcm")) + [tmp_path / "s" / "gone.dcm"]
+    with pytest.raises(BundleInputError, match=r"gone\.dcm: series folder or file not found"):
+        LoadSagittalSeriesd(keys="image")({"image": files})
+
+
 # ---------------------------------------------------------------- MONAI transforms keep the geometry
 
 
@@ -248,3 +276,12 @@ def test_monai_spacingd_cannot_handle_sagittal_affine(tmp_path):
     img = load_sagittal_series(tmp_path / "s")
     with pytest.raises(np.linalg.LinAlgError, match="not positive definite"):
         mt.Spacingd("image", pixdim=(0.4375, 0.4375))({"image": img})
+
+
+def test_input_errors_pickle_and_render_as_http_answers():
+    import pickle
+
+    error = pickle.loads(pickle.dumps(MissingInputError("x.dcm: series folder or file not found")))
+    assert type(error) is MissingInputError and str(error) == "x.dcm: series folder or file not found"
+    assert (error.status_code, error.detail) == (404, str(error)) and BundleInputError("bad").status_code == 400
+    assert isinstance(error, ValueError)

@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def test_keypoints_to_label_rejects_bad_input():
 
 # ---------------------------------------------------------------- MONAI Label server (opt-in)
 
+SERVER_WAIT_S = 240  # bounded start-up wait (about 30-60 s on 2 CPU cores)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -131,47 +134,48 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _request(url: str, method: str = "GET", timeout: float = 120.0) -> bytes:
-    req = urllib.request.Request(url, method=method, data=b"" if method == "POST" else None)
+def _request(url: str, method: str = "GET", timeout: float = 120.0, form: dict[str, str] | None = None) -> bytes:
+    """GET or POST ``url``; ``form`` fields go as multipart/form-data (how MONAI Label reads ``params``)."""
+    data, headers = (b"" if method == "POST" else None), {}
+    if form:
+        boundary = "spineone-test-boundary"
+        parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n' for k, v in form.items()]
+        data = ("".join(parts) + f"--{boundary}--\r\n").encode()
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+    req = urllib.request.Request(url, method=method, data=data, headers=headers)
     with urllib.request.urlopen(req, timeout=timeout) as response:
         return response.read()
 
 
-@pytest.mark.monailabel
-def test_monailabel_server_infers_keypoints(tmp_path):
-    import nibabel as nib
-    from bundle import SpineOne, find_studies
-    from bundle.phantoms import generate_phantoms
+def _python() -> str:
+    return os.environ.get("SPINEONE_MONAILABEL_PYTHON", sys.executable)
 
-    python = os.environ.get("SPINEONE_MONAILABEL_PYTHON", sys.executable)
-    app = tmp_path / "apps" / "monaibundle"
-    subprocess.run(
-        [
-            python,
-            "-m",
-            "monailabel.main",
-            "apps",
-            "--download",
-            "--name",
-            "monaibundle",
-            "--output",
-            str(tmp_path / "apps"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    model_dir = app / "model" / "spineone"
-    packager = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(model_dir)]
-    subprocess.run(packager, check=True, timeout=60)
-    # small network so that CPU inference takes seconds; random weights (the server loads models/model.pt)
-    config_path = model_dir / "configs" / "inference.json"
-    config = json.loads(config_path.read_text())
-    config.update({"backbone_depth": 18, "input_size": 128, "pixdim": 2.1875, "device": "$torch.device('cpu')"})
-    config_path.write_text(json.dumps(config, indent=4))
+
+def _monaibundle_app(root: Path) -> Path:
+    """MONAI Label's ``monaibundle`` sample app, copied from the installed package into ``root``."""
+    cmd = [_python(), "-m", "monailabel.main", "apps", "--download", "--name", "monaibundle", "--output", str(root)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return root / "monaibundle"
+
+
+def _package(model_dir: Path, *extra: str, src: Path = ROOT) -> None:
+    cmd = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--src", str(src), "--out", str(model_dir)]
+    subprocess.run([*cmd, *extra], check=True, timeout=120)
+
+
+def _random_weights(path: Path, depth: int) -> None:
+    from bundle import SpineOne
+
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
-    torch.save(net.state_dict(), model_dir / "models" / "model.pt")
+    net = SpineOne({"disc": 3}, backbone_depth=depth, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+
+
+def _phantom_studies(tmp_path: Path) -> tuple[Path, Path]:
+    """(studies folder, series folder): one phantom sagittal T2 series as the image ``phantom``."""
+    from bundle import find_studies
+    from bundle.phantoms import generate_phantoms
 
     phantoms = tmp_path / "phantoms"
     generate_phantoms(phantoms, layout="rsna", studies=1, seed=3, max_size=256)
@@ -179,55 +183,86 @@ def test_monailabel_server_infers_keypoints(tmp_path):
     studies = tmp_path / "studies"
     studies.mkdir()
     shutil.copytree(series, studies / "phantom.series")  # one sagittal series folder = one image
+    return studies, series
 
-    port = _free_port()
-    env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]', "PYTHONPATH": str(model_dir)}
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [
-            python,
-            "-m",
-            "monailabel.main",
-            "start_server",
-            "--app",
-            str(app),
-            "--studies",
-            str(studies),
-            "--conf",
-            "models",
-            "spineone",
-            "--conf",
-            "zoo_source",
-            "local",
-            "--conf",
-            "sam2",
-            "false",
-            "--conf",
-            "skip_trainers",
-            "true",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        info = None
-        for _ in range(240):  # bounded: at most about 4 minutes
-            if server.poll() is not None:
-                break
+
+class _Server:
+    """``monailabel start_server`` on a free port of 127.0.0.1 serving ``app/model/spineone``; log in ``log``."""
+
+    def __init__(self, app: Path, studies: Path, log: Path) -> None:
+        self.base = f"http://127.0.0.1:{_free_port()}"
+        self.log_path = log
+        env = {
+            **os.environ,
+            "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]',
+            "PYTHONPATH": str(app / "model" / "spineone"),
+        }
+        conf = ["models", "spineone", "zoo_source", "local", "sam2", "false", "skip_trainers", "true"]
+        cmd = [_python(), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
+        for key, value in zip(conf[::2], conf[1::2]):
+            cmd += ["--conf", key, value]
+        cmd += ["--host", "127.0.0.1", "--port", self.base.rsplit(":", 1)[1]]
+        self._log = open(log, "w")
+        self.process = subprocess.Popen(
+            cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+    def wait_info(self) -> dict | None:
+        """``/info/`` once the server answers; None when it exited first or did not answer in time."""
+        for _ in range(SERVER_WAIT_S):
+            if self.process.poll() is not None:
+                return None
             try:
-                info = json.loads(_request(f"{base}/info/", timeout=5))
-                break
+                return json.loads(_request(f"{self.base}/info/", timeout=5))
             except OSError:
                 time.sleep(1.0)
-        assert info is not None, (tmp_path / "server.log").read_text()[-4000:]
+        return None
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, 15)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, 9)
+                self.process.wait(timeout=30)
+        self._log.close()
+
+
+@pytest.mark.monailabel
+def test_monailabel_server_infers_keypoints(tmp_path):
+    import nibabel as nib
+    from bundle.io import load_sagittal_series
+
+    app = _monaibundle_app(tmp_path / "apps")
+    model_dir = app / "model" / "spineone"
+    _package(model_dir)
+    # small network so that CPU inference takes seconds; random weights (the server loads models/model.pt)
+    config_path = model_dir / "configs" / "inference.json"
+    config = json.loads(config_path.read_text())
+    config.update({"backbone_depth": 18, "input_size": 128, "pixdim": 2.1875, "device": "$torch.device('cpu')"})
+    config_path.write_text(json.dumps(config, indent=4) + "\n")
+    _random_weights(model_dir / "models" / "model.pt", depth=18)
+    studies, series = _phantom_studies(tmp_path)
+
+    server = _Server(app, studies, tmp_path / "server.log")
+    base = server.base
+    try:
+        info = server.wait_info()
+        assert info is not None, server.log()[-4000:]
         assert "spineone" in info["models"], info["models"].keys()
+
+        # an unknown image id: MONAI Label passes an empty path; the answer is an HTTP error, never a result
+        with pytest.raises(urllib.error.HTTPError) as error:
+            _request(f"{base}/infer/spineone?image=no_such_study&output=json", "POST")
+        assert error.value.code == 404
+        detail = json.loads(error.value.read())["detail"]
+        assert "empty series path" in detail and "requested image id is not in its datastore" in detail
+        assert not (studies / "labels").exists() or not any((studies / "labels").rglob("no_such_study*"))
 
         result = json.loads(_request(f"{base}/infer/spineone?image=phantom&output=json", "POST"))
         points = result["keypoints"]
@@ -243,8 +278,6 @@ def test_monailabel_server_infers_keypoints(tmp_path):
         label_file.write_bytes(label_bytes)
         label = nib.load(str(label_file))
         data = np.asarray(label.dataobj)
-        from bundle.io import load_sagittal_series
-
         meta = load_sagittal_series(series).meta
         rows, cols = (int(v) for v in meta["spatial_shape"])
         assert data.shape == (rows, cols, 1)
@@ -254,10 +287,54 @@ def test_monailabel_server_infers_keypoints(tmp_path):
             np.testing.assert_allclose(index, [p["y"], p["x"], 0.0, 1.0], atol=1e-3)
             assert data[round(p["y"]), round(p["x"]), 0] == p["value"]
         assert set(np.unique(data)) <= {0} | {p["value"] for p in points}
+
+        # result_extension is read from the params form field (as a URL parameter it is ignored)
+        nrrd = _request(
+            f"{base}/infer/spineone?image=phantom&output=image",
+            "POST",
+            form={"params": '{"result_extension": ".nrrd"}'},
+        )
+        assert nrrd.startswith(b"NRRD"), nrrd[:16]
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-        log.close()
+        server.stop()
+
+
+@pytest.mark.monailabel
+def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    app = _monaibundle_app(tmp_path / "apps")
+    model_dir = app / "model" / "spineone"
+    _package(model_dir)  # inference.json as shipped: ResNet-50
+    _random_weights(model_dir / "models" / "model.pt", depth=18)  # the demo's ResNet-18 weights
+    studies, _ = _phantom_studies(tmp_path)
+    server = _Server(app, studies, tmp_path / "server.log")
+    try:
+        info = server.wait_info()
+        assert info is None or "spineone" not in info["models"], "served weights that do not fit"
+        log = server.log()
+        assert "the weights do not fit the configured network, refusing to serve them" in log, log[-4000:]
+        assert "overrides that probably fit these weights: --backbone_depth 18" in log
+    finally:
+        server.stop()
+
+
+@pytest.mark.monailabel
+def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
+    """``package_bundle.py --demo`` then start_server, no edits: the demo's weights (trained ones when
+    models/demo/model.pt exists, else demo-shaped random ones in a bundle copy) answer /infer with 5 levels."""
+    src = ROOT
+    if not (ROOT / "models" / "demo" / "model.pt").is_file():
+        src = tmp_path / "src"
+        _package(src)
+        demo = json.loads((ROOT / "configs" / "demo.json").read_text())
+        _random_weights(src / "models" / "demo" / "model.pt", depth=demo["backbone_depth"])
+    app = _monaibundle_app(tmp_path / "apps")
+    _package(app / "model" / "spineone", "--demo", src=src)
+    studies, _ = _phantom_studies(tmp_path)
+    server = _Server(app, studies, tmp_path / "server.log")
+    try:
+        info = server.wait_info()
+        assert info is not None and "spineone" in info["models"], server.log()[-4000:]
+        result = json.loads(_request(f"{server.base}/infer/spineone?image=phantom&output=json", "POST"))
+        assert sorted(p["level"] for p in result["keypoints"]) == STREAMS["disc"]["levels"]
+    finally:
+        server.stop()

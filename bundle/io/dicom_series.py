@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bundle.errors import BundleInputError
+from bundle.errors import BundleInputError, MissingInputError
 from bundle.io.pixels import read_header
 from pydicom.dataset import Dataset
 
@@ -97,15 +97,29 @@ def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
     return header.position + x * header.pixel_spacing[1] * iop[:3] + y * header.pixel_spacing[0] * iop[3:]
 
 
+def _checked_path(path: str | os.PathLike | None, what: str) -> Path:
+    """``path`` as a Path, refusing ``None``, empty names and paths that do not exist (MissingInputError, HTTP
+    404 behind a server). ``Path("")`` would be the working directory, whose DICOM files would then be read
+    instead of the requested ``what``."""
+    if path is None or not os.fspath(path).strip():
+        raise MissingInputError(
+            f"empty {what} path {path!r}: no image was named, so none is read (an empty path would read the working"
+            " directory); behind MONAI Label this means the requested image id is not in its datastore"
+        )
+    found = Path(path)
+    if not found.exists():
+        raise MissingInputError(f"{found}: {what} folder or file not found")
+    return found
+
+
 def list_dicom_files(
-    source: str | os.PathLike | Sequence[str | os.PathLike], *, recursive: bool = False, what: str = "series"
+    source: str | os.PathLike | Sequence[str | os.PathLike] | None, *, recursive: bool = False, what: str = "series"
 ) -> list[Path]:
     """Files of a ``what`` ("series" or "study") given as a directory (its regular files, searched
-    recursively when asked; ``*.dcm`` if any) or a list of paths."""
-    if isinstance(source, (str, os.PathLike)):
-        folder = Path(source)
-        if not folder.exists():
-            raise BundleInputError(f"{folder}: {what} folder or file not found")
+    recursively when asked; ``*.dcm`` if any) or a list of paths. Empty, ``None`` or non-existent paths
+    raise BundleInputError naming them."""
+    if source is None or isinstance(source, (str, os.PathLike)):
+        folder = _checked_path(source, what)
         if folder.is_file():
             return [folder]
         found = folder.rglob("*") if recursive else folder.iterdir()
@@ -115,7 +129,7 @@ def list_dicom_files(
         if not files:
             raise BundleInputError(f"{folder}: the {what} folder holds no files")
         return files
-    files = [Path(p) for p in source]
+    files = [_checked_path(p, what) for p in source]
     if not files:
         raise BundleInputError(f"empty list of DICOM files: a {what} needs at least one file")
     return files

@@ -43,7 +43,7 @@ def load_sagittal_series(
         patient identity; ``middle_filename`` is the middle instance's file, drawn by the overlay writer).
 
     Raises:
-        BundleInputError: missing/empty folder, non-DICOM or undecodable file, several series, missing
+        BundleInputError: empty or ``None`` path, missing/empty folder, non-DICOM or undecodable file, several series, missing
             geometry tags, non-sagittal plane, mixed image shapes.
     """
     if int(num_slices) < 1:
@@ -89,7 +89,9 @@ def load_sagittal_series(
 class LoadSagittalSeriesd(MapTransform):
     """Dictionary wrapper of :func:`load_sagittal_series`: ``data[key]`` (folder or file list) -> MetaTensor.
 
-    ``data["study_id"]`` and ``data["series_id"]``, when present, are copied into the image metadata.
+    ``data["study_id"]`` and ``data["series_id"]``, when present, are copied into the image metadata. A missing
+    key raises MONAI's KeyError naming it (unless ``allow_missing_keys``); ``None``, an empty string or a path
+    that does not exist raises BundleInputError naming it: an empty path never reads the working directory.
 
     Example:
         >>> loader = LoadSagittalSeriesd(keys="image", num_slices=7)  # doctest: +SKIP
