@@ -155,7 +155,7 @@ class KeypointDetectionMetric(Metric):
         skipped = skipped_reasons(batch, len(keypoints))
         for i, predicted in enumerate(keypoints):
             if skipped[i]:
-                predicted = {}  # a skipped study's placeholder image: its annotated keypoints all count as missed
+                predicted = {}  # a skipped study's placeholder image: its keypoints all count as missed
             for spec in self.specs:
                 gt_mm = torch.as_tensor(batch[f"{spec.name}_points"][i]).double().cpu().numpy()
                 gt_labels = torch.as_tensor(batch[f"{spec.name}_labels"][i]).long().cpu().numpy()
@@ -165,7 +165,10 @@ class KeypointDetectionMetric(Metric):
                     pred_mm[point["level_index"]] = point["mm"]
                     pred_labels[point["level_index"]] = point["label"]
                 gt_plane = in_plane(np.nan_to_num(gt_mm), affines[i])
-                gt_plane[np.isnan(gt_mm).any(axis=1)] = np.nan
+                unlocated = np.isnan(gt_mm).any(axis=1)
+                if skipped[i]:  # labelled levels of a study skipped before its points were located: missed too
+                    unlocated &= gt_labels < 0
+                gt_plane[unlocated] = np.nan
                 self._metric.update(spec.name, pred_mm, pred_labels, gt_plane, gt_labels)
 
     def compute(self) -> float:

@@ -210,8 +210,10 @@ def test_keypoint_metric_counts_a_skipped_study_as_all_missed():
     labels = np.array([0, 1, 2, 0, 1])
     perfect = [{"level_index": i, "mm": gt[i], "label": int(labels[i])} for i in range(5)]
     image = MetaTensor(torch.zeros(2, 3, 8, 8), affine=torch.eye(4, dtype=torch.float64))
+    unlocated = gt.copy()
+    unlocated[3:] = np.nan  # skipped before these levels' points could be located (labels known)
     batch = {
-        "disc_points": torch.as_tensor(np.stack([gt, gt])),
+        "disc_points": torch.as_tensor(np.stack([gt, unlocated])),
         "disc_labels": torch.as_tensor(np.stack([labels, labels])),
         SKIPPED_KEY: ["", "x.dcm: cannot decode pixel data"],
     }
@@ -407,7 +409,10 @@ def test_rsna_batch_runs_skip_unusable_studies_and_stay_complete(broken_rsna, tm
     evaluated = _run(evaluate, tmp_path)
     assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
-    assert metrics["skipped_studies"] == 2 and metrics["streams"]["disc"]["num_studies"] == 3
+    disc = metrics["streams"]["disc"]
+    assert metrics["skipped_studies"] == 2 and disc["num_studies"] == 3
+    # every labelled level of the three studies is scored, the two skipped studies' ten all as missed
+    assert disc["num_gt"] == 15 and sum(row[-1] for row in disc["confusion_matrix"]) >= 10
     assert "rsna" in metrics  # the skipped studies' constant rows are scored too
     assert len(_csv_rows(tmp_path / "ev" / "predictions" / "submission.csv")) == 75
     assert {r["study_id"] for r in _csv_rows(tmp_path / "ev" / "skipped.csv")} == {no_t2, truncated}
