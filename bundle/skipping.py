@@ -62,7 +62,7 @@ def skipped_reasons(batch: Mapping[str, Any], size: int) -> list[str]:
 
 
 def placeholder_series(num_slices: int, study_id: str = "", series_id: str = "") -> MetaTensor:
-    """A zero image (num_slices, 16, 16) at 1 mm pixels, with the metadata keys of
+    """A ramp image (num_slices, 16, 16) at 1 mm pixels, with the metadata keys of
     :func:`bundle.io.load_sagittal_series` (so it collates with real series); identity affine."""
     size = _PLACEHOLDER_SIZE
     affine = np.eye(4)
@@ -82,7 +82,8 @@ def placeholder_series(num_slices: int, study_id: str = "", series_id: str = "")
         "study_id": str(study_id),
         "series_id": str(series_id),
     }
-    volume = torch.zeros((int(num_slices), size, size), dtype=torch.float32)
+    ramp = torch.linspace(0.0, 1.0, size * size, dtype=torch.float32).reshape(size, size)  # not constant: the
+    volume = ramp.expand(int(num_slices), size, size).clone()  # intensity scaling then has a range to map
     return MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
 
 
@@ -194,7 +195,7 @@ class SkippedStudiesWriter:
         writer.writerow(["study_id", "reason"])
         writer.writerows(self.skipped)
         atomic_write_text(self.path, buffer.getvalue())
-        logger.info(f"{self.done} studies done, {len(self.skipped)} skipped (listed in {self.path})")
+        logger.info(f"studies: {self.done} done, {len(self.skipped)} skipped (listed in {self.path})")
         if self.done == 0:
             raise BundleInputError(
                 f"no study could be processed: all {len(self.skipped)} were skipped; reasons in {self.path}"
