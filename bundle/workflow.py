@@ -182,7 +182,6 @@ def inference_datalist(
 
     items = []
     for images, annotation in tianchi_sets(root, tianchi_images, tianchi_annotation):
-        items += [
-            {k: v for k, v in it.items() if k != "keypoints"} for it in build_tianchi_datalist(images, annotation)
-        ]
+        named = build_tianchi_datalist(images, annotation, keep_unusable=True)  # a missing series: skipped
+        items += [{k: v for k, v in it.items() if k != "keypoints"} for it in named]
     return items
