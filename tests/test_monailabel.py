@@ -1,9 +1,9 @@
 """MONAI Label postprocessing (default run) and a real MONAI Label 0.8.5 server (opt-in, marker ``monailabel``).
 
-The server test runs the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
-have requirements-monailabel.txt installed:
-    SPINEONE_MONAILABEL=1 SPINEONE_MONAILABEL_PYTHON=/path/to/mlenv/bin/python \
-        python -m pytest -q tests/test_monailabel.py
+The server tests run the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
+have requirements-monailabel.txt installed; pytest itself runs in the bundle's environment (requirements-dev.txt)
+or in MONAI Label's. From the repository root, with ``ML`` the MONAI Label environment (docs/README.md):
+    SPINEONE_MONAILABEL=1 SPINEONE_MONAILABEL_PYTHON=$ML/bin/python .venv/bin/python -m pytest -q tests/test_monailabel.py
 """
 
 from __future__ import annotations
