@@ -137,7 +137,9 @@ def test_demo_overrides_only_top_level_keys_of_every_workflow():
 
 
 # an input size as prose states it: "224 input", "224 x 224 input", "256 px", "256 pixels"
-_STATED_SIZE = re.compile(r"(?<![\d.])(\d+)(?:\s*x\s*(\d+))?\s*(?:px|pixels?)?\s+input\b|(?<![\d.])(\d+)\s*(?:px|pixels)\b")
+_STATED_SIZE = re.compile(
+    r"(?<![\d.])(\d+)(?:\s*x\s*(\d+))?\s*(?:px|pixels?)?\s+input\b|(?<![\d.])(\d+)\s*(?:px|pixels)\b"
+)
 
 
 def _blocks_naming(text: str, name: str) -> list[str]:
