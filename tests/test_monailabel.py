@@ -240,7 +240,7 @@ def test_monailabel_server_infers_keypoints(tmp_path):
 
     app = _monaibundle_app(tmp_path / "apps")
     model_dir = app / "model" / "spineone"
-    _package(model_dir)
+    _package(model_dir, "--no-weights")
     # small network so that CPU inference takes seconds; random weights (the server loads models/model.pt)
     config_path = model_dir / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
@@ -303,7 +303,7 @@ def test_monailabel_server_infers_keypoints(tmp_path):
 def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     app = _monaibundle_app(tmp_path / "apps")
     model_dir = app / "model" / "spineone"
-    _package(model_dir)  # inference.json as shipped: ResNet-50
+    _package(model_dir, "--no-weights")  # inference.json as shipped: ResNet-50
     _random_weights(model_dir / "models" / "model.pt", depth=18)  # the demo's ResNet-18 weights
     studies, _ = _phantom_studies(tmp_path)
     server = _Server(app, studies, tmp_path / "server.log")
@@ -324,7 +324,7 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
     src = ROOT
     if not (ROOT / "models" / "demo" / "model.pt").is_file():
         src = tmp_path / "src"
-        _package(src)
+        _package(src, "--no-weights")
         demo = json.loads((ROOT / "configs" / "demo.json").read_text())
         _random_weights(src / "models" / "demo" / "model.pt", depth=demo["backbone_depth"])
     app = _monaibundle_app(tmp_path / "apps")
