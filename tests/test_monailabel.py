@@ -313,6 +313,10 @@ def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
         log = server.log()
         assert "the weights do not fit the configured network, refusing to serve them" in log, log[-4000:]
         assert "overrides that probably fit these weights: --backbone_depth 18" in log
+        line = next(x for x in log.splitlines() if "refusing to serve them" in x)  # one line says it all
+        assert "network keys missing from the checkpoint (e.g. backbone.layer1.0.conv3.weight" in line
+        assert "shape mismatches (e.g. backbone.layer1.0.conv1.weight (64, 64, 3, 3) in the checkpoint" in line
+        assert "--backbone_depth 18" in line and "configs/demo.json" in line
     finally:
         server.stop()
 
