@@ -420,3 +420,48 @@ def test_packaged_copy_passes_zoo_format_checks(tmp_path):
         )
         assert result.returncode == 0, (hook, result.stdout[-3000:])
     assert max(p.stat().st_size for p in files) <= 1024 * 1024  # the zoo's check-added-large-files limit
+
+
+ZOO_README_SECTIONS = (
+    "## Model Overview",
+    "## Data",
+    "## Training configuration",
+    "## Performance",
+    "## MONAI Bundle Commands",
+    "## System Configuration",
+    "## Limitations",
+    "## References",
+    "## License",
+)
+
+
+def test_docs_readme_follows_the_zoo_template_sections_in_order():
+    headers = [
+        line.strip() for line in (ROOT / "docs" / "README.md").read_text().splitlines() if line.startswith("## ")
+    ]
+    positions = [headers.index(section) for section in ZOO_README_SECTIONS if section in headers]
+    missing = [section for section in ZOO_README_SECTIONS if section not in headers]
+    assert not missing, f"docs/README.md lacks the zoo template section(s) {missing}"
+    assert positions == sorted(positions), f"docs/README.md sections out of the template's order: {headers}"
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_metadata_pins_match_requirements_and_state_the_python_version():
+    metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    pinned = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    declared = {name.lower(): version for name, version in metadata["required_packages_version"].items()}
+    declared.update(torch=metadata["pytorch_version"], numpy=metadata["numpy_version"], monai=metadata["monai_version"])
+    differing = {
+        name: (version, pinned[name]) for name, version in declared.items() if pinned.get(name, version) != version
+    }
+    assert not differing, f"metadata.json and requirements.txt pin different versions: {differing}"
+    assert "Python 3.11 or newer" in metadata["description"]
