@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "benchmark.py"
@@ -152,8 +153,8 @@ def test_pam_flops_useful_equal_plain_bmm_count():
     from bundle.networks import SpineOne
 
     x = torch.randn(1, 7, 48, 64)
-    fused = bench.network_flops(SpineOne({"disc": 3}, backbone_depth=18, pam_impl="fused").eval(), x)
-    plain = bench.network_flops(SpineOne({"disc": 3}, backbone_depth=18, pam_impl="plain").eval(), x)
+    fused = bench.network_flops(SpineOne(streams(disc=3), backbone_depth=18, pam_impl="fused").eval(), x)
+    plain = bench.network_flops(SpineOne(streams(disc=3), backbone_depth=18, pam_impl="plain").eval(), x)
     assert plain["pam_computed"] == 0 and plain["pam_useful"] == 0
     n = 12 * 16
     assert fused["pam_computed"] == pytest.approx(2 * n * n * 64 * 2)

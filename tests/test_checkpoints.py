@@ -13,6 +13,7 @@ from bundle import SpineOne
 from bundle.checkpoints import checked_network, checkpoint_mismatch, guess_spineone_settings, load_state_dict
 from bundle.errors import BundleInputError
 from monai.bundle import ConfigParser
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_guess_reads_depth_slices_attention_and_format():
         "dataset_format": "tianchi",
     }
     with torch.device("meta"):
-        deep = SpineOne({"disc": 3}, backbone_depth=101, in_channels=7, attention=None)
+        deep = SpineOne(streams(disc=3), backbone_depth=101, in_channels=7, attention=None)
     assert guess_spineone_settings(deep.state_dict())["backbone_depth"] == 101
     assert guess_spineone_settings({"conv.weight": torch.zeros(1)}) is None
 

@@ -26,6 +26,7 @@ from bundle.decoding import decode_keypoints
 from bundle.monailabel import KeypointsToLabeld, label_values
 from bundle.streams import split_output
 from monai.data import MetaTensor
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = {
@@ -167,7 +168,7 @@ def _random_weights(path: Path, depth: int) -> None:
     from bundle import SpineOne
 
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=depth, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
+    net = SpineOne(streams(disc=3), backbone_depth=depth, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 

@@ -17,6 +17,7 @@ from bundle.io.pixels import read_dicom_pixels  # noqa: E402
 from bundle.networks import SpineOne, fuse_for_inference  # noqa: E402
 from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
 from dicom_fixtures import slice_pattern, write_series  # noqa: E402
+from stream_fixtures import streams
 
 
 def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
@@ -36,7 +37,7 @@ def _randomise(net: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.mark.parametrize("depth", [18, 50])
 def test_fuse_for_inference_matches_eager(depth):
     torch.manual_seed(depth)
-    net = _randomise(SpineOne({"disc": 3, "vertebra": 2}, backbone_depth=depth))
+    net = _randomise(SpineOne(streams(disc=3, vertebra=2), backbone_depth=depth))
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in net.modules())
     fused = fuse_for_inference(net)
     assert fused is not net and sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules()) == 0

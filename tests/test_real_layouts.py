@@ -30,6 +30,7 @@ from bundle.workflow import inference_datalist, load_datalist
 from ignite.engine import Engine
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, ResizeWithPadOrCropd
+from stream_fixtures import streams
 
 
 def _constant_loss(labels: np.ndarray, p: np.ndarray) -> float:
@@ -362,7 +363,7 @@ def _random_rsna_model(path: Path) -> None:
     from bundle.networks import SpineOne
 
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pretrained=False)
+    net = SpineOne(streams(disc=3), backbone_depth=18, in_channels=7, attention=["pam", "cam"], pretrained=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 
