@@ -62,7 +62,7 @@ def _chain(
         cost[j] = unary + skip * j  # chain starts here: levels above skipped, candidates above free
         for jp in range(j):
             step = _gap_cost(gap, j - jp, spacing, sigma) + between + skip * (j - jp - 1)
-            total = cost[jp][:, None] + step  # [i', i]
+            total = cost[jp][:, None] + step + unary[None, :]  # [i', i]: chain ... i' then i
             best = total.argmin(axis=0)
             value = total[best, order]
             better = value < cost[j]
