@@ -158,9 +158,9 @@ def test_keypoint_metric_uses_in_plane_distance():
     ]
     metric = KeypointDetectionMetric({"disc": {"levels": spec.levels, "classes": spec.classes}})
     metric.reset()
-    image = MetaTensor(torch.zeros(1, 7, 8, 8), affine=torch.as_tensor(affine).unsqueeze(0))
-    batch = {"disc_points": torch.as_tensor(gt_off_plane)[None], "disc_labels": torch.as_tensor(labels)[None]}
-    metric.update((image, batch, [{"disc": predicted}]))
+    image = MetaTensor(torch.zeros(7, 8, 8), affine=torch.as_tensor(affine))
+    truth = {"disc_points": torch.as_tensor(gt_off_plane), "disc_labels": torch.as_tensor(labels)}
+    metric.update([{"image": image, "label": truth, "keypoints": {"disc": predicted}}])  # decollated evaluator output
     score = metric.compute()
     result = metric.results["disc"]
     assert result["pck"]["6"] == pytest.approx(4 / 5)  # level 3 is 20 mm off

@@ -232,8 +232,9 @@ def test_packaged_demo_copy_serves_as_it_is(tmp_path):
     out = tmp_path / "served"
     _packager().package(src, out, demo=True)
     served = json.loads((out / "configs" / "inference.json").read_text())
-    for key in ("backbone_depth", "pixdim", "input_size", "radius"):
+    for key in ("backbone_depth", "pixdim", "input_size"):
         assert served[key] == demo[key], key
+    assert served["codec"]["radius"] == demo["codec#radius"]
     workflow = ConfigWorkflow(
         workflow_type="infer",
         config_file=str(out / "configs" / "inference.json"),
