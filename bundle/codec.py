@@ -336,7 +336,7 @@ class OCPCCodec:
 
         Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
         (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
-        maximum over classes, NMS, up to ``candidates * K + 4`` peaks. At each: ``label`` = the class with the
+        maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At each: ``label`` = the class with the
         highest Hough score, ``probabilities`` = the class scores normalised to sum 1, ``score`` = the highest;
         ``xy`` (image pixels ``[x=col, y=row]``) refined by the centroid of the 3x3 window of the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
@@ -395,7 +395,16 @@ class OCPCCodec:
         return found
 
     def _name_levels(self, spec: StreamSpec, found: list[dict], has_mm: bool) -> list[dict]:
-        """Order candidates head to feet, assign levels (:func:`bundle.levels.assign_levels`), drop the rest."""
+        """Merge duplicates, order candidates head to feet, assign levels (:func:`bundle.levels.assign_levels`),
+        drop the rest. Candidates (in descending score) closer than ``0.4 * level_spacing_mm`` (or, without
+        geometry, than the disk diameter) to a better one are the same structure and are dropped first."""
+        key = "mm" if has_mm else "xy"
+        apart = 0.4 * self.level_spacing_mm if has_mm else 2.0 * self.radius * self.target_stride
+        kept: list[dict] = []
+        for kp in found:
+            if all(math.dist(kp[key], other[key]) >= apart for other in kept):
+                kept.append(kp)
+        found = kept
         found.sort(key=(lambda kp: -kp["mm"][2]) if has_mm else (lambda kp: kp["xy"][1]))
         pos = np.array([kp["mm"] if has_mm else kp["xy"] for kp in found], dtype=np.float64)
         spacing = self.level_spacing_mm if has_mm else _pixel_spacing_guess(pos, self.level_spacing_mm)
