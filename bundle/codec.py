@@ -294,11 +294,7 @@ class OCPCCodec:
 
     # ---- encode
     def encode(
-        self,
-        points: Mapping[str, torch.Tensor],
-        labels: Mapping[str, torch.Tensor],
-        affine,
-        image_shape: Sequence[int],
+        self, points: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], affine, image_shape: Sequence[int]
     ) -> dict[str, torch.Tensor]:
         """Training targets of one image (paper eq. 1, 2).
 
@@ -336,8 +332,9 @@ class OCPCCodec:
 
         Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
         (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
-        maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At each: ``label`` = the class with the
-        highest Hough score, ``probabilities`` = the class scores normalised to sum 1, ``score`` = the highest;
+        maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
+        each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
+        to sum 1, ``score`` = the highest;
         ``xy`` (image pixels ``[x=col, y=row]``) refined by the centroid of the 3x3 window of the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
         ascending row without an affine), get level names by :func:`bundle.levels.assign_levels`; those

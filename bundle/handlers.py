@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 from bundle.atomic import atomic_write, atomic_write_text
-from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
 from bundle.codec import mm_to_pixels_np, pixels_to_mm_np
+from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
 from bundle.skipping import SKIPPED_KEY
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events

@@ -5,8 +5,8 @@ MONAI Label runs inference.json's ``preprocessing``, ``inferer`` and ``postproce
 ``data["pred"]`` (sum over streams of 3C, h, w) on the network grid of the preprocessed image, then
 appends its ``Restored`` transform and writes ``data["pred"]`` as the label file and ``data["result"]`` as
 the JSON answer. The postprocessing is ``bundle.transforms.KeypointsDecoded`` (the evaluator's decode
-path, writing ``data["keypoints"]``) followed by :class:`KeypointsToLabeld`. MONAI Label has no keypoint task type, so the bundle is served as a segmentation-type
-model whose label map marks each keypoint with a small disk.
+path, writing ``data["keypoints"]``) followed by :class:`KeypointsToLabeld`. MONAI Label has no keypoint task
+type, so the bundle is served as a segmentation-type model whose label map marks each keypoint with a small disk.
 """
 
 from __future__ import annotations

@@ -16,10 +16,11 @@ from typing import Any
 
 import numpy as np
 from bundle.atomic import atomic_write_bytes, atomic_write_text
-from bundle.csvrows import read_csv_rows
-from bundle.rsna_labels import CONDITIONS, GROUPS, SAMPLE_WEIGHTS, SEVERITIES, SPINAL, snake
-from bundle.rsna_labels import LEVEL_KEYS as LEVELS
 from bundle.codec import mm_to_pixels_np
+from bundle.csvrows import read_csv_rows
+from bundle.rsna_labels import CONDITIONS, GROUPS
+from bundle.rsna_labels import LEVEL_KEYS as LEVELS
+from bundle.rsna_labels import SAMPLE_WEIGHTS, SEVERITIES, SPINAL, snake
 from bundle.skipping import SKIPPED_KEY
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events
@@ -170,9 +171,7 @@ class KeypointsWriter:
         self.output_dir = Path(output_dir)
         self.specs = parse_streams(streams)
         self.dataset_format = dataset_format
-        self.submission_streams = dict(
-            submission_streams or ({"disc": SPINAL} if dataset_format == "rsna" else {})
-        )
+        self.submission_streams = dict(submission_streams or ({"disc": SPINAL} if dataset_format == "rsna" else {}))
         self.prior = {k: tuple(v) for k, v in (prior or RSNA_PRIOR).items()}
         self.overlay = overlay
         self.rows: list[tuple[str, tuple[float, float, float]]] = []

@@ -30,8 +30,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from bundle.csvrows import is_blank_row
 from bundle.errors import BundleInputError
-from bundle.rsna_labels import CONDITIONS, GROUPS, PRED_COLUMNS, SAMPLE_WEIGHTS, SEVERITIES
+from bundle.rsna_labels import CONDITIONS, GROUPS
 from bundle.rsna_labels import LEVEL_KEYS as LEVELS
+from bundle.rsna_labels import PRED_COLUMNS, SAMPLE_WEIGHTS, SEVERITIES
 
 __all__ = [
     "CONDITIONS",

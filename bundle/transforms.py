@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
 import torch
 from bundle.codec import OCPCCodec
 from bundle.errors import BundleInputError
@@ -181,5 +180,7 @@ def _checked_image(image: object, key: Hashable) -> MetaTensor:
     if image.ndim != 3:
         raise ValueError(f"{key!r} must be (C, H, W), got shape {tuple(image.shape)}")
     if tuple(image.affine.shape) != (4, 4):
-        raise ValueError(f"{key!r} must carry a 4x4 affine (voxel (row, col, k) -> mm), got {tuple(image.affine.shape)}")
+        raise ValueError(
+            f"{key!r} must carry a 4x4 affine (voxel (row, col, k) -> mm), got {tuple(image.affine.shape)}"
+        )
     return image

@@ -7,8 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle.codec import pixels_to_mm, target_to_image
-from bundle.codec import OCPCCodec
+from bundle.codec import OCPCCodec, pixels_to_mm, target_to_image
 from bundle.decoding import hough_voting, splat_votes, splat_votes_public
 from bundle.streams import StreamSpec, split_output
 from bundle.transforms import OCPCTargetsd

@@ -107,7 +107,7 @@ def test_levels_right_whatever_the_top_of_the_field_of_view(fov_top, index):
     assert ("T12-L1" in discs) == (fov_top != "L1") and ("T10-T11" in discs) == (fov_top in ("T9", "T10"))
     rsna = _codec(RSNA_STREAMS[0])
     named = _names(rsna, _synthetic_output(rsna, affine, shape, discs), affine, discs)
-    assert named == {lv: name for lv, name in zip(RSNA_STREAMS[0].levels, LUMBAR)}
+    assert named == dict(zip(RSNA_STREAMS[0].levels, LUMBAR))
     tianchi = _codec(TIANCHI_STREAMS[0])
     named = _names(tianchi, _synthetic_output(tianchi, affine, shape, discs), affine, discs)
     expected = {lv: lv for lv in TIANCHI_STREAMS[0].levels if lv in discs}

@@ -25,8 +25,8 @@ from bundle.networks import (
 )
 from bundle.networks import deeplab as deeplab_module
 from bundle.streams import split_output
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from stream_fixtures import streams
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -214,8 +214,15 @@ def test_keypoint_metric_counts_a_skipped_study_as_all_missed():
     unlocated = gt.copy()
     unlocated[3:] = np.nan  # skipped before these levels' points could be located (labels known)
     output = [  # decollated evaluator output; the skipped study's keypoints are junk
-        {"image": image, "keypoints": {"disc": perfect}, "label": {"disc_points": torch.as_tensor(points),
-         "disc_labels": torch.as_tensor(labels), SKIPPED_KEY: reason}}
+        {
+            "image": image,
+            "keypoints": {"disc": perfect},
+            "label": {
+                "disc_points": torch.as_tensor(points),
+                "disc_labels": torch.as_tensor(labels),
+                SKIPPED_KEY: reason,
+            },
+        }
         for points, reason in ((gt, ""), (unlocated, "x.dcm: cannot decode pixel data"))
     ]
     metric = KeypointDetectionMetric(RSNA_STREAMS)

@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle.codec import encode_ocpc, image_to_target, mm_to_pixels, pixels_to_mm, target_to_image
+from bundle.codec import OCPCCodec, encode_ocpc, image_to_target, mm_to_pixels, pixels_to_mm, target_to_image
 from bundle.errors import BundleInputError
 from bundle.streams import StreamSpec
-from bundle.codec import OCPCCodec
 from bundle.transforms import KeypointsToArraysd, OCPCTargetsd
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Flipd

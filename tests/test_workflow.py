@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from bundle.errors import BundleInputError
 from bundle.phantoms import generate_phantoms
-from bundle.studies import find_studies
 from bundle.streams import TIANCHI_STREAMS, class_counts
+from bundle.studies import find_studies
 from bundle.workflow import default_streams, load_datalist, prepare_dataset
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -226,7 +226,9 @@ def test_packaged_demo_copy_serves_as_it_is(tmp_path):
     _packager().package(ROOT, src)
     torch.manual_seed(0)
     demo = json.loads((ROOT / "configs" / "demo.json").read_text())
-    net = bundle.SpineOne(streams(disc=3), backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"])
+    net = bundle.SpineOne(
+        streams(disc=3), backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"]
+    )
     (src / "models" / "demo").mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), src / "models" / "demo" / "model.pt")
     out = tmp_path / "served"

@@ -18,10 +18,10 @@ from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.io.series_selection import RSNA_SAGITTAL_T2
-from bundle.skipping import skipped_item
 from bundle.rsna_labels import CONDITION_NAMES as RSNA_CONDITIONS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 from bundle.rsna_labels import SEVERITIES, snake
+from bundle.skipping import skipped_item
 from bundle.streams import RSNA_STREAMS
 
 __all__ = ["build_rsna_datalist", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
