@@ -86,7 +86,9 @@ def test_report_values_are_consistent(report):
         parts[k] for k in ("load_seconds", "preprocess_seconds", "network_seconds", "decode_seconds", "write_seconds")
     )
     assert report["end_to_end_seconds"] == pytest.approx(total, rel=1e-3)
-    assert parts["input_shape"] == [7, 64, 64] and parts["num_keypoints"] == 5
+    # through the configured evaluator; an untrained network's keypoints: one per level found, at most 5
+    assert parts["input_shape"] == [7, 64, 64] and 0 <= parts["num_keypoints"] <= 5
+    assert parts["run_seconds"] >= parts["end_to_end_seconds"] and parts["start_seconds"] > 0
     assert report["decode_fraction_of_end_to_end"] == pytest.approx(report["decode_seconds"] / total, rel=1e-3)
     assert report["inference_subprocess"]["peak_rss_mb"] >= report["inference_subprocess"]["rss_after_import_mb"]
 
