@@ -14,6 +14,7 @@ import pydicom
 from bundle.errors import BundleInputError
 from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
 from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
+from bundle.rsna_labels import CONDITION_NAMES
 from bundle.rsna_labels import CONDITIONS as RSNA_CONDITIONS
 from bundle.rsna_labels import LEVEL_KEYS as _RSNA_LEVEL_KEYS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
@@ -122,7 +123,7 @@ def _write_rsna_tables(studies: Sequence[PhantomStudy], out: Path) -> None:
                     st.study_id,
                     sag.series_id,
                     p["instance_number"],
-                    "Spinal Canal Stenosis",
+                    CONDITION_NAMES[0],  # Spinal Canal Stenosis
                     p["level"],
                     f"{p['x']:.2f}",
                     f"{p['y']:.2f}",
