@@ -361,10 +361,10 @@ def test_spineone_input_and_argument_checks():
         net(torch.randn(1, 7, 40, 64))
     with pytest.raises(ValueError, match="expects input"):
         net(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="non-empty mapping"):
+    with pytest.raises(ValueError, match="at least one stream"):
         SpineOne({}, backbone_depth=18)
-    with pytest.raises(ValueError, match="positive int"):
-        SpineOne(streams(disc=0), backbone_depth=18)
+    with pytest.raises(ValueError, match="levels"):  # streams have one meaning: {name: {levels, classes}}
+        SpineOne({"disc": 3}, backbone_depth=18)
     with pytest.raises(ValueError, match="depth"):
         SpineOne(streams(disc=3), backbone_depth=42)
 
