@@ -74,7 +74,7 @@ class SpineOneLoss(nn.Module):
     """Sum over streams of the focal heatmap loss and the (OA-weighted) L1 offset loss.
 
     Args:
-        streams: the codec's streams (``"$@codec.streams"``, StreamSpecs or the config mapping), in output order.
+        streams: the codec's streams (``"@codec"``, StreamSpecs or the config mapping), in output order.
         gamma: focal loss exponent (paper: 2).
         oa_enabled: apply objective association; an event handler may switch it at run time.
         oa_mode: "paper" (``|w * o_hat - o|``) or "weighted_error" (``w * |o_hat - o|``).

@@ -56,7 +56,7 @@ class KeypointsToLabeld(MapTransform):
 
     Args:
         keys: the network output key (``"pred"``), replaced by the label map.
-        streams: the model's streams (``"$@codec.streams"``).
+        streams: the model's streams (``"@codec"``).
         image_key: the preprocessed image (MetaTensor with the loader's metadata).
         keypoints_key: where ``KeypointsDecoded`` left the keypoints.
         disk_mm: radius of each drawn disk in mm.

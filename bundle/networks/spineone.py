@@ -92,7 +92,7 @@ class SpineOne(nn.Module):
     """SpineOne: DeepLabv3+ (ResNet backbone, output stride 16, 64-channel stride-4 features) + stream heads.
 
     Args:
-        streams: the codec's streams (``"$@codec.streams"``, StreamSpecs or ``{name: {levels, classes}}``);
+        streams: the codec's streams (``"@codec"``, StreamSpecs or ``{name: {levels, classes}}``);
             each stream with C classes gets a head of 3C output channels.
         backbone_depth: ResNet depth, 18, 34, 50 or 101.
         in_channels: input channels (7 slices of the 2.5D input).
