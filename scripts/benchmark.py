@@ -221,7 +221,8 @@ def end_to_end_once(size: int, depth: int, data_dir: Path, out_dir: Path, channe
 
     load = finding the series' files and reading the middle slices (the loader transform); preprocess = the
     config's intensity scaling, spacing, pad/crop and normalisation; network = ``prepare_batch`` and forward
-    (to ``FORWARD_COMPLETED``); decode = decollation and the ``postprocessing`` (Hough voting, peaks, levels);
+    (to ``FORWARD_COMPLETED``); decode = decollation and the ``postprocessing`` (Hough voting, peaks, levels,
+    MONAI Label's label map);
     write = the iteration's handlers (keypoints.json, overlay.png). Checkpoint loading and BatchNorm folding
     (at ``STARTED``) are ``start_seconds``, outside the sum.
     """

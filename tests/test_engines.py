@@ -94,3 +94,32 @@ def test_evaluator_decodes_through_its_postprocessing():
         assert torch.equal(item["label"]["disc_labels"], torch.tensor([0, 1]))
         expected = codec.decode(item["pred"][None], item["image"].affine)[0]
         assert item["keypoints"] == expected
+
+
+def test_monai_label_postprocessing_in_the_evaluator_leaves_the_batch_geometry_alone():
+    """inference.json's evaluator runs the MONAI Label ``postprocessing`` (decode, then the label map): the label map
+    rewrites the *output* image's meta for MONAI Label's writer, while the writers read the batch's own meta."""
+    from bundle.monailabel import KeypointsToLabeld
+    from monai.transforms import Compose
+
+    torch.manual_seed(2)
+    codec = _codec()
+    network = SpineOne(codec.streams, backbone_depth=18, in_channels=1, attention=None).eval()
+    items = _items(2)
+    for item in items:
+        item["image"].meta.update({"original_affine": torch.eye(4).numpy() * 2.0, "spatial_shape": [32, 32]})
+        item["image"].meta["original_affine"][3, 3] = 1.0
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(Dataset(items), batch_size=2, num_workers=0),
+        network=network,
+        prepare_batch=EvaluationBatch(codec),
+        postprocessing=Compose([KeypointsDecoded(codec), KeypointsToLabeld("pred", codec)]),
+    )
+    evaluator.run()
+    for batch_item, out in zip(evaluator.state.batch, evaluator.state.output):
+        assert torch.equal(
+            torch.as_tensor(batch_item["image"].meta["original_affine"]).diag(), torch.tensor([2.0] * 3 + [1])
+        )
+        assert list(batch_item["image"].meta["spatial_shape"]) == [32, 32]
+        assert out["pred"].shape == (1, 32, 32, 1) and "keypoints" in out and "result" in out
