@@ -182,9 +182,7 @@ def _generate_study(root: Path, seed: int) -> Path:
 
 
 def _timed(transform: Callable, name: str, seconds: dict[str, float]) -> Callable:
-    """``transform`` adding its run time to ``seconds[name]``."""
-
-    def run(data: Any) -> Any:
+    def run(data: Any) -> Any:  # ``transform``, adding its run time to ``seconds[name]``
         start = time.perf_counter()
         out = transform(data)
         seconds[name] += time.perf_counter() - start
@@ -194,18 +192,13 @@ def _timed(transform: Callable, name: str, seconds: dict[str, float]) -> Callabl
 
 
 def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool):
-    """configs/inference.json's evaluator at ``input_size = size``, ResNet-``depth``, on ``data_dir``: its dataloader,
-    checkpoint loading (an untrained checkpoint saved next to ``out_dir``), InferenceOptimizer, postprocessing and
-    writers, as ``monai.bundle run`` builds them."""
+    """configs/inference.json's evaluator (input ``size``, ResNet-``depth``, an untrained checkpoint) on ``data_dir``."""
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
+    parser, ckpt_dir = ConfigParser(), out_dir.parent / "models"
     parser.read_config(str(INFERENCE_CONFIG))
-    ckpt_dir = out_dir.parent / "models"
-    overrides = {"input_size": size, "backbone_depth": depth, "dataset_dir": str(data_dir), "num_workers": 0}
-    overrides.update({"output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"})
-    for key, value in overrides.items():
-        parser[key] = value
+    parser.update(dict(input_size=size, backbone_depth=depth, dataset_dir=str(data_dir), num_workers=0))
+    parser.update({"output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"})
     for handler in parser["handlers"]:
         if handler["_target_"] == "bundle.InferenceOptimizer":
             handler["channels_last"] = channels_last
@@ -217,43 +210,29 @@ def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, 
 
 
 def end_to_end_once(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool) -> dict:
-    """One study from DICOM folder to keypoints.json (+ overlay.png) through the configured evaluator: seconds per part.
-
-    load = finding the series' files and reading the middle slices (the loader transform); preprocess = the
-    config's intensity scaling, spacing, pad/crop and normalisation; network = ``prepare_batch`` and forward
-    (to ``FORWARD_COMPLETED``); decode = decollation and the ``postprocessing`` (Hough voting, peaks, levels,
-    MONAI Label's label map);
-    write = the iteration's handlers (keypoints.json, overlay.png). Checkpoint loading and BatchNorm folding
-    (at ``STARTED``) are ``start_seconds``, outside the sum.
-    """
+    """One study from DICOM folder to keypoints.json + overlay.png through the configured evaluator, seconds per
+    part: load (the loader transform), preprocess (the other transforms), network (prepare_batch + forward),
+    decode (decollation + postprocessing), write (the writers); start_seconds (checkpoint, BatchNorm folding)
+    and run_seconds (the whole run) lie outside the sum."""
     from ignite.engine import Events
     from monai.engines.utils import IterationEvents
     from monai.transforms import Compose
 
     evaluator = _configured_evaluator(size, depth, data_dir, out_dir, channels_last)
-    seconds = {"load": 0.0, "preprocess": 0.0}
-    dataset = evaluator.data_loader.dataset
+    seconds, stamps, dataset = {"load": 0.0, "preprocess": 0.0}, {}, evaluator.data_loader.dataset
     first, *rest = dataset.transform.transforms
     dataset.transform = Compose([_timed(first, "load", seconds), _timed(Compose(rest), "preprocess", seconds)])
-    stamps: dict[str, float] = {}
-
-    def stamp(name: str) -> Callable:
-        return lambda engine: stamps.__setitem__(name, time.perf_counter())
-
-    evaluator.add_event_handler(Events.ITERATION_STARTED, stamp("iteration"))
-    evaluator.add_event_handler(IterationEvents.FORWARD_COMPLETED, stamp("forward"))
-    evaluator.add_event_handler(IterationEvents.MODEL_COMPLETED, stamp("decoded"))  # after decollate + postprocessing
-    evaluator.add_event_handler(Events.ITERATION_COMPLETED, stamp("written"))  # after the writers (attached first)
+    events = {"iteration": Events.ITERATION_STARTED, "forward": IterationEvents.FORWARD_COMPLETED}
+    events.update(decoded=IterationEvents.MODEL_COMPLETED, written=Events.ITERATION_COMPLETED)  # attached last
+    for name, event in events.items():
+        evaluator.add_event_handler(event, lambda e, name=name: stamps.__setitem__(name, time.perf_counter()))
     evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: stamps.setdefault("fetch", time.perf_counter()))
     t0 = time.perf_counter()
     evaluator.run()
-    parts = {
-        "load_seconds": seconds["load"],
-        "preprocess_seconds": seconds["preprocess"],
-        "network_seconds": stamps["forward"] - stamps["iteration"],
-        "decode_seconds": stamps["decoded"] - stamps["forward"],
-        "write_seconds": stamps["written"] - stamps["decoded"],
-    }
+    parts = {"load_seconds": seconds["load"], "preprocess_seconds": seconds["preprocess"]}
+    parts["network_seconds"] = stamps["forward"] - stamps["iteration"]
+    parts["decode_seconds"] = stamps["decoded"] - stamps["forward"]
+    parts["write_seconds"] = stamps["written"] - stamps["decoded"]
     return {
         **parts,
         "end_to_end_seconds": sum(parts.values()),
