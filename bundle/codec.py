@@ -208,7 +208,7 @@ class OCPCCodec:
         streams: ``{name: {"levels": [...], "classes": [...]}}`` or StreamSpecs (levels head to feet).
         radius: disk radius R in target pixels (targets and Hough voting).
         target_stride: image pixels per target pixel (targets, loss and voting grid).
-        network_stride: image pixels per network output pixel (``bundle.networks.OUTPUT_STRIDE``).
+        network_stride: image pixels per network output pixel; None = ``bundle.networks.OUTPUT_STRIDE`` (SpineOne's).
         nms_kernel: odd peak-suppression window, target pixels.
         candidates: peaks kept per stream before level assignment, as a multiple of its number of levels
             (plus 4), so that missed and extra structures can be told apart.
@@ -231,12 +231,16 @@ class OCPCCodec:
         streams: Mapping[str, Mapping] | Sequence[StreamSpec],
         radius: float = 6.0,
         target_stride: int = 1,
-        network_stride: int = 4,
+        network_stride: int | None = None,
         nms_kernel: int = 3,
         candidates: int = 2,
         level_spacing_mm: float = 35.0,
     ) -> None:
         self.streams = parse_streams(streams)
+        if network_stride is None:
+            from bundle.networks.spineone import OUTPUT_STRIDE  # the network's fact, read where it is defined
+
+            network_stride = OUTPUT_STRIDE
         if not math.isfinite(radius) or radius <= 0:
             raise ValueError(f"radius must be a positive number of target pixels, got {radius}")
         for name, value in (("target_stride", target_stride), ("network_stride", network_stride)):

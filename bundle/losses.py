@@ -1,7 +1,7 @@
 """SpineOne training loss (paper eq. 4-7): focal heatmap loss, L1 offset loss, objective association.
 
 Per stream with ``C`` classes the network predicts ``C`` heatmap logits and ``2C`` offsets on the
-stride-4 grid (layout: :func:`bundle.streams.split_output`). Both are upsampled bilinearly to the
+network grid (stride ``OUTPUT_STRIDE``; layout: :func:`bundle.streams.split_output`). Both are upsampled bilinearly to the
 target grid (the paper's ``B(.)``) and compared with the OCPC targets:
 
 - heatmap: sigmoid focal loss (gamma 2), summed over pixels and classes of the batch and divided by
