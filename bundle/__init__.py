@@ -3,9 +3,9 @@
 The configs in ``configs/`` name the parts exported here (``bundle.SpineOne``, ``bundle.SpineOneLoss``, ...).
 """
 
-from bundle.codec import mm_to_pixels, pixels_to_mm
-from bundle.decoding import decode_keypoints, hough_voting
-from bundle.engines import SpineOneEvalStep, SpineOneTrainStep, target_keys
+from bundle.codec import OCPCCodec, mm_to_pixels, pixels_to_mm
+from bundle.decoding import hough_voting
+from bundle.engines import EvaluationBatch, TrainingBatch
 from bundle.errors import BundleInputError
 from bundle.handlers import (
     InferenceOptimizer,
@@ -30,36 +30,37 @@ from bundle.outputs import KeypointsWriter, RsnaScoreHandler, read_rsna_prior
 from bundle.rsna_metric import rsna_score
 from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_streams, split_output
 from bundle.studies import find_studies
-from bundle.targets import KeypointsToArraysd, OCPCTargetsd
+from bundle.transforms import KeypointsDecoded, KeypointsToArraysd, OCPCTargetsd
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BundleInputError",
     "ChannelAttention",
+    "EvaluationBatch",
     "InPlaneSpacingd",
     "InferenceOptimizer",
     "KeypointDetectionMetric",
     "KeypointMetric",
+    "KeypointsDecoded",
     "KeypointsToArraysd",
     "KeypointsWriter",
     "LoadSagittalSeriesd",
     "MetricsWriter",
+    "OCPCCodec",
     "OCPCTargetsd",
     "ObjectiveAssociationHandler",
     "PositionAttention",
     "RSNA_STREAMS",
     "RsnaScoreHandler",
     "SpineOne",
-    "SpineOneEvalStep",
     "SpineOneLoss",
-    "SpineOneTrainStep",
     "StreamSpec",
     "TIANCHI_STREAMS",
+    "TrainingBatch",
     "TrainingStateCheckpoint",
     "build_rsna_datalist",
     "build_tianchi_datalist",
-    "decode_keypoints",
     "find_studies",
     "hough_voting",
     "load_sagittal_series",
@@ -72,5 +73,4 @@ __all__ = [
     "select_sagittal_t2",
     "split_folds",
     "split_output",
-    "target_keys",
 ]

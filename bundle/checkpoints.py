@@ -72,7 +72,8 @@ def guess_spineone_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any]
     """
     from bundle.networks.deeplab import RESNET_DEPTHS
     from bundle.networks.spineone import ATTENTION_MODULES, SpineOne
-    from bundle.workflow import DATASET_FORMATS, default_streams, stream_classes
+    from bundle.streams import class_counts
+    from bundle.workflow import DATASET_FORMATS, default_streams
 
     conv1 = state.get("backbone.conv1.weight")
     counts, head = [], 0
@@ -81,10 +82,10 @@ def guess_spineone_settings(state: Mapping[str, torch.Tensor]) -> dict[str, Any]
         head += 1
     if conv1 is None or conv1.ndim != 4 or not counts:
         return None
-    formats = [f for f in DATASET_FORMATS if list(stream_classes(default_streams(f)).values()) == counts]
+    formats = [f for f in DATASET_FORMATS if list(class_counts(default_streams(f)).values()) == counts]
     if not formats:
         return None
-    streams = stream_classes(default_streams(formats[0]))
+    streams = default_streams(formats[0])
     attention = [a for a in ATTENTION_MODULES if any(k.startswith(f"heads.0.{a}.") for k in state)]
     for depth in RESNET_DEPTHS:
         with torch.device("meta"):

@@ -1,6 +1,13 @@
-"""OCPC codec geometry shared by target synthesis (``bundle.targets``) and decoding (``bundle.decoding``).
+"""The OCPC keypoint codec: one object owning the streams, the sizes and the geometry of encode and decode.
 
-Conventions (one place, used by both sides):
+:class:`OCPCCodec` holds the streams (levels and classes), the disk radius, the target stride (image pixels
+per target pixel) and the network stride (image pixels per output pixel). ``encode`` turns keypoints in
+patient mm into training targets (paper eq. 1, 2); ``decode`` turns the network output into keypoints in
+mm: Hough voting (paper eq. 3, :mod:`bundle.decoding`), peak picking, classes, then level names by
+dynamic programming along the spine (:mod:`bundle.levels`). The functions below are the bundle's one
+implementation of mm <-> image pixel <-> target pixel (torch; ``*_np`` are thin numpy entry points).
+
+Conventions:
 
 - Pixel coordinates are pixel *centres*: image pixel ``(row i, col j)`` has centre ``(x=j, y=i)``.
 - A target grid of stride ``s`` has shape ``(H // s, W // s)``; target pixel ``t`` covers image pixels
@@ -17,12 +24,21 @@ Conventions (one place, used by both sides):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from bundle.decoding import hough_voting, pick_peaks, refine_peak
+from bundle.levels import assign_levels
+from bundle.streams import StreamSpec, parse_streams, split_output, stream_channels
 
 __all__ = [
+    "OCPCCodec",
+    "TARGET_SUFFIXES",
+    "mm_to_pixels_np",
+    "pixels_to_mm_np",
     "image_to_target",
     "target_to_image",
     "target_shape",
@@ -105,6 +121,16 @@ def pixels_to_mm(xy, affine) -> torch.Tensor:
     return q[:, 1:2] * a[:3, 0] + q[:, 0:1] * a[:3, 1] + a[:3, 3]
 
 
+def mm_to_pixels_np(points_mm, affine) -> np.ndarray:
+    """Numpy entry point of :func:`mm_to_pixels`: (N, 3) mm -> (N, 2) ``(x=col, y=row)`` float64 array."""
+    return mm_to_pixels(points_mm, affine).numpy()
+
+
+def pixels_to_mm_np(xy, affine) -> np.ndarray:
+    """Numpy entry point of :func:`pixels_to_mm`: (N, 2) ``(x=col, y=row)`` -> (N, 3) mm on the plane k = 0."""
+    return pixels_to_mm(xy, affine).numpy()
+
+
 def encode_ocpc(
     points: torch.Tensor, labels: torch.Tensor, num_classes: int, shape: Sequence[int], radius: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -159,3 +185,243 @@ def encode_ocpc(
     mask[2 * cls, r_idx, c_idx] = 1.0
     mask[2 * cls + 1, r_idx, c_idx] = 1.0
     return heatmap, offset, mask
+
+
+TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask")
+_KEYPOINT_KEYS = (
+    "level",
+    "level_index",
+    "level_confidence",
+    "label",
+    "class_name",
+    "probabilities",
+    "score",
+    "xy",
+    "mm",
+)
+
+
+class OCPCCodec:
+    """Encode keypoints into OCPC targets and decode network outputs into named keypoints.
+
+    Args:
+        streams: ``{name: {"levels": [...], "classes": [...]}}`` or StreamSpecs (levels head to feet).
+        radius: disk radius R in target pixels (targets and Hough voting).
+        target_stride: image pixels per target pixel (targets, loss and voting grid).
+        network_stride: image pixels per network output pixel; None = ``bundle.networks.OUTPUT_STRIDE`` (SpineOne's).
+        nms_kernel: odd peak-suppression window, target pixels.
+        candidates: peaks kept per stream before level assignment, as a multiple of its number of levels
+            (plus 4), so that missed and extra structures can be told apart.
+        level_spacing_mm: expected distance between neighbouring levels (adult lumbar discs ~35 mm); the
+            level assignment fits each study's spacing from 0.6 to 1.65 times this.
+
+    Example:
+        >>> codec = OCPCCodec({"disc": {"levels": ["a", "b"], "classes": ["n", "d"]}}, 2.0, 1, 1)
+        >>> affine = torch.tensor([[0.0, 1, 0, 0], [0, 0, 1, 0], [-1, 0, 0, 0], [0, 0, 0, 1]])  # rows to the feet
+        >>> t = codec.encode({"disc": torch.tensor([[3.0, 0.0, -2.0], [3.0, 0.0, -37.0]])},
+        ...                  {"disc": torch.tensor([0, 1])}, affine, (48, 8))
+        >>> logits = torch.where(t["disc_heatmap"] > 0, 10.0, -10.0)
+        >>> out = codec.decode(torch.cat([logits, t["disc_offset"]])[None], affine)[0]["disc"]
+        >>> [(kp["level"], kp["class_name"], [round(v, 3) for v in kp["mm"]]) for kp in out]
+        [('a', 'n', [3.0, 0.0, -2.0]), ('b', 'd', [3.0, 0.0, -37.0])]
+    """
+
+    def __init__(
+        self,
+        streams: Mapping[str, Mapping] | Sequence[StreamSpec],
+        radius: float = 6.0,
+        target_stride: int = 1,
+        network_stride: int | None = None,
+        nms_kernel: int = 3,
+        candidates: int = 2,
+        level_spacing_mm: float = 35.0,
+    ) -> None:
+        self.streams = parse_streams(streams)
+        if network_stride is None:
+            from bundle.networks.spineone import OUTPUT_STRIDE  # the network's fact, read where it is defined
+
+            network_stride = OUTPUT_STRIDE
+        if not math.isfinite(radius) or radius <= 0:
+            raise ValueError(f"radius must be a positive number of target pixels, got {radius}")
+        for name, value in (("target_stride", target_stride), ("network_stride", network_stride)):
+            if int(value) != value or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value}")
+        if nms_kernel < 1 or nms_kernel % 2 == 0:
+            raise ValueError(f"nms_kernel must be a positive odd integer, got {nms_kernel}")
+        if candidates < 1 or level_spacing_mm <= 0:
+            raise ValueError(f"candidates and level_spacing_mm must be positive, got {candidates}, {level_spacing_mm}")
+        self.radius = float(radius)
+        self.target_stride = int(target_stride)
+        self.network_stride = int(network_stride)
+        self.nms_kernel = int(nms_kernel)
+        self.candidates = int(candidates)
+        self.level_spacing_mm = float(level_spacing_mm)
+
+    def __repr__(self) -> str:
+        names = {s.name: (len(s.levels), len(s.classes)) for s in self.streams}
+        return (
+            f"OCPCCodec(streams(levels, classes)={names}, radius={self.radius}, target_stride={self.target_stride}, "
+            f"network_stride={self.network_stride})"
+        )
+
+    # ---- sizes
+    @property
+    def channels(self) -> dict[str, int]:
+        """``{stream: C}`` in stream order; the network gives each ``3 C`` output channels."""
+        return {s.name: s.num_classes for s in self.streams}
+
+    @property
+    def out_channels(self) -> int:
+        return stream_channels(self.channels)
+
+    @property
+    def upsample(self) -> float:
+        """Network grid -> target grid scale factor."""
+        return self.network_stride / self.target_stride
+
+    def target_keys(self) -> list[str]:
+        """Batch keys of the training targets: ``{stream}_heatmap``, ``{stream}_offset``, ``{stream}_offset_mask``."""
+        return [f"{s.name}_{suffix}" for s in self.streams for suffix in TARGET_SUFFIXES]
+
+    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Network output (B, sum 3C, h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w))}``."""
+        return split_output(output, self.channels)
+
+    # ---- geometry
+    def mm_to_target(self, points_mm, affine) -> torch.Tensor:
+        """Patient mm (N, 3) -> target-grid pixels (N, 2) ``(x, y)``, float64."""
+        return image_to_target(mm_to_pixels(points_mm, affine), self.target_stride)
+
+    def target_to_mm(self, xy, affine) -> torch.Tensor:
+        """Target-grid pixels (N, 2) -> patient mm (N, 3) on the image plane, float64."""
+        return pixels_to_mm(target_to_image(torch.as_tensor(xy, dtype=torch.float64), self.target_stride), affine)
+
+    # ---- encode
+    def encode(
+        self, points: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], affine, image_shape: Sequence[int]
+    ) -> dict[str, torch.Tensor]:
+        """Training targets of one image (paper eq. 1, 2).
+
+        Args:
+            points: ``{stream: (L, 3)}`` patient mm, NaN rows = missing. labels: ``{stream: (L,)}``, -1 = unknown.
+            affine: the image's 4x4 voxel (row, col, k) -> mm. image_shape: ``(H, W)`` image pixels.
+
+        Returns per stream ``s``: ``{s}_heatmap`` (C, Ht, Wt), ``{s}_offset`` and ``{s}_offset_mask`` (2C, Ht, Wt),
+        float32 on the target grid ``(H // target_stride, W // target_stride)``; ``{s}_points_px`` (L, 2) the
+        keypoints on the image grid, NaN where missing or outside. See :func:`encode_ocpc`.
+        """
+        height, width = int(image_shape[0]), int(image_shape[1])
+        grid = target_shape(height, width, self.target_stride)
+        out: dict[str, torch.Tensor] = {}
+        for spec in self.streams:
+            mm = torch.as_tensor(np.asarray(points[spec.name], dtype=np.float64)).reshape(-1, 3)
+            lab = torch.as_tensor(np.asarray(labels[spec.name], dtype=np.int64)).reshape(-1)
+            if mm.shape[0] != spec.num_levels or lab.shape[0] != spec.num_levels:
+                raise ValueError(
+                    f"stream {spec.name!r}: expected {spec.num_levels} points and labels, "
+                    f"got {mm.shape[0]} and {lab.shape[0]}"
+                )
+            px = mm_to_pixels(mm, affine)
+            px[~inside_grid(px, (height, width))] = float("nan")
+            heatmap, offset, mask = encode_ocpc(
+                image_to_target(px, self.target_stride), lab, spec.num_classes, grid, self.radius
+            )
+            out[f"{spec.name}_heatmap"], out[f"{spec.name}_offset"] = heatmap, offset
+            out[f"{spec.name}_offset_mask"], out[f"{spec.name}_points_px"] = mask, px.float()
+        return out
+
+    # ---- decode
+    def decode(self, output: torch.Tensor, affine=None) -> list[dict[str, list[dict]]]:
+        """Named keypoints per image from the network output (B, sum 3C, h, w) on the network grid.
+
+        Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
+        (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
+        maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
+        each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
+        to sum 1, ``score`` = the highest;
+        ``xy`` (image pixels ``[x=col, y=row]``) refined by the centroid of the 3x3 window of the summed Hough map;
+        ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
+        ascending row without an affine), get level names by :func:`bundle.levels.assign_levels`; those
+        without a level are dropped, a level without a candidate is absent.
+
+        Args:
+            affine: None, (4, 4) for every image or (B, 4, 4).
+
+        Returns:
+            A list over the batch of ``{stream: [keypoint, ...]}`` head to feet, each keypoint a dict with
+            ``level``, ``level_index``, ``level_confidence`` (in [0, 1]), ``label``, ``class_name``,
+            ``probabilities``, ``score``, ``xy``, ``mm``.
+        """
+        if isinstance(output, Mapping):
+            raise TypeError("decode takes the network's single output tensor (B, sum 3C, h, w)")
+        output = torch.as_tensor(output).detach().as_subclass(torch.Tensor)
+        parts = self.split(output)
+        batch = int(output.shape[0])
+        aff = as_affine(affine, batch) if affine is not None else None
+        out: list[dict[str, list[dict]]] = [{} for _ in range(batch)]
+        for spec in self.streams:
+            # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
+            logits, offsets = (t.float().contiguous() for t in parts[spec.name])
+            if self.upsample != 1:
+                logits = F.interpolate(logits, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                offsets = F.interpolate(offsets, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+            hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
+            best, total = hough.amax(dim=1), hough.sum(dim=1)
+            for bi in range(batch):
+                found = self._candidates(spec, hough[bi], best[bi], total[bi], None if aff is None else aff[bi])
+                out[bi][spec.name] = self._name_levels(spec, found, aff is not None)
+        return out
+
+    def _candidates(
+        self, spec: StreamSpec, hough: torch.Tensor, best: torch.Tensor, total: torch.Tensor, affine
+    ) -> list[dict]:
+        found = []
+        c = spec.num_classes
+        for r, col in pick_peaks(best, self.candidates * spec.num_levels + 4, self.nms_kernel):
+            scores = hough[:, r, col].double()
+            s = float(scores.sum())
+            label = int(scores.argmax())
+            tx, ty = refine_peak(total, r, col)
+            xy = target_to_image(torch.tensor([[tx, ty]], dtype=torch.float64), self.target_stride)
+            found.append(
+                {
+                    "label": label,
+                    "class_name": spec.classes[label],
+                    "probabilities": (scores / s).tolist() if s > 0 else [1.0 / c] * c,
+                    "score": float(scores[label]),
+                    "xy": [float(v) for v in xy[0]],
+                    "mm": pixels_to_mm(xy, affine)[0].tolist() if affine is not None else None,
+                }
+            )
+        return found
+
+    def _name_levels(self, spec: StreamSpec, found: list[dict], has_mm: bool) -> list[dict]:
+        """Merge duplicates, order candidates head to feet, assign levels (:func:`bundle.levels.assign_levels`),
+        drop the rest. Candidates (in descending score) closer than ``0.4 * level_spacing_mm`` (or, without
+        geometry, than the disk diameter) to a better one are the same structure and are dropped first."""
+        key = "mm" if has_mm else "xy"
+        apart = 0.4 * self.level_spacing_mm if has_mm else 2.0 * self.radius * self.target_stride
+        kept: list[dict] = []
+        for kp in found:
+            if all(math.dist(kp[key], other[key]) >= apart for other in kept):
+                kept.append(kp)
+        found = kept
+        found.sort(key=(lambda kp: -kp["mm"][2]) if has_mm else (lambda kp: kp["xy"][1]))
+        pos = np.array([kp["mm"] if has_mm else kp["xy"] for kp in found], dtype=np.float64)
+        spacing = self.level_spacing_mm if has_mm else _pixel_spacing_guess(pos, self.level_spacing_mm)
+        result = assign_levels(pos, np.array([kp["score"] for kp in found]), spec.num_levels, spacing)
+        named = []
+        for kp, level, confidence in zip(found, result.level.tolist(), result.confidence.tolist()):
+            if level >= 0:
+                kp.update(level=spec.levels[level], level_index=level, level_confidence=float(confidence))
+                named.append({k: kp[k] for k in _KEYPOINT_KEYS})
+        return named
+
+
+def _pixel_spacing_guess(pos: np.ndarray, default: float) -> float:
+    """Without geometry: the median gap between neighbouring candidates (pixels), else ``default``."""
+    if len(pos) < 2:
+        return default
+    gaps = np.linalg.norm(np.diff(pos, axis=0), axis=1)
+    gaps = gaps[gaps > 0]
+    return float(np.median(gaps)) if len(gaps) else default

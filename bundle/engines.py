@@ -1,7 +1,13 @@
-"""Iteration functions for MONAI's SupervisedTrainer / SupervisedEvaluator (``iteration_update``).
+"""``prepare_batch`` callables for MONAI's standard ``SupervisedTrainer`` and ``SupervisedEvaluator``.
 
-The trainer step computes SpineOne's loss parts (and objective association inside the loss); the
-evaluation step runs the network and decodes keypoints with Hough voting, in patient mm.
+Both engines run MONAI's own iteration (so the iteration events fire, ``amp`` and gradient accumulation
+work, and standard handlers such as gradient clipping attach as usual); SpineOne only chooses what goes in:
+
+- training: the image as a plain tensor (the network needs no metadata) and the codec's target dict, which
+  ``SpineOneLoss`` takes as ``loss_function(pred, targets)``;
+- evaluation: the image MetaTensor (its affine gives the keypoints' mm in the postprocessing) and, as the
+  ``label``, the ground truth the keypoint metric needs (``{stream}_points``, ``{stream}_labels``, ``skipped``).
+  Keypoints are decoded by the evaluator's ``postprocessing`` (``bundle.transforms.KeypointsDecoded``).
 """
 
 from __future__ import annotations
@@ -10,100 +16,52 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from bundle.decoding import decode_keypoints
-from bundle.streams import StreamSpec, parse_streams, split_output
-from ignite.engine import Engine
+from bundle.codec import OCPCCodec
+from bundle.skipping import SKIPPED_KEY
 
-__all__ = ["TARGET_SUFFIXES", "target_keys", "SpineOneTrainStep", "SpineOneEvalStep"]
-
-TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask")
+__all__ = ["TrainingBatch", "EvaluationBatch"]
 
 
-def target_keys(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> list[str]:
-    """Batch keys the loss needs: ``{stream}_heatmap``, ``{stream}_offset``, ``{stream}_offset_mask``."""
-    return [f"{s.name}_{suffix}" for s in parse_streams(streams) for suffix in TARGET_SUFFIXES]
+def _to(value: torch.Tensor, device: torch.device | str | None, non_blocking: bool) -> torch.Tensor:
+    return value.to(device, non_blocking=non_blocking) if device is not None else value
 
 
-def _to_device(engine: Engine, value: torch.Tensor) -> torch.Tensor:
-    return value.to(engine.state.device, non_blocking=getattr(engine, "non_blocking", False))
+class TrainingBatch:
+    """``prepare_batch`` of the trainer: ``(image (B, C, H, W) plain tensor, {target key: tensor})`` on ``device``.
 
-
-def _plain(image: torch.Tensor) -> torch.Tensor:
-    """The network needs no metadata: a plain tensor skips MetaTensor's per-operation bookkeeping."""
-    return image.as_tensor() if hasattr(image, "as_tensor") else image
-
-
-class SpineOneTrainStep:
-    """One training iteration: forward, SpineOne loss (all parts), backward, optimizer step.
-
-    Returns the batch decollated as MONAI's trainers do, a list with one ``{"image", "pred", "loss", "losses"}``
-    per sample, where ``loss`` (the batch total) and ``losses`` (every loss part and ``total``, floats) repeat:
-    ``from_engine(["loss"], first=True)`` and ``from_engine(["losses"], first=True)`` read them, as MONAI's
-    default handlers (StatsHandler, MLflow tracking) expect.
+    Example (config): ``"prepare_batch": "$bundle.TrainingBatch(@codec)"``.
     """
 
-    def __init__(self, streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> None:
-        self.keys = target_keys(streams)
+    def __init__(self, codec: OCPCCodec, image_key: str = "image") -> None:
+        self.keys = codec.target_keys()
+        self.image_key = image_key
 
-    def __call__(self, engine: Engine, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        image = _to_device(engine, batch["image"])
-        targets = {key: _to_device(engine, batch[key]) for key in self.keys}
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=getattr(engine, "optim_set_to_none", False))
-        if getattr(engine, "amp", False) and getattr(engine, "scaler", None) is not None:
-            with torch.autocast(device_type=image.device.type):
-                pred = engine.inferer(_plain(image), engine.network)
-            total, parts = engine.loss_function(pred.float(), targets)
-            engine.scaler.scale(total).backward()
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            pred = engine.inferer(_plain(image), engine.network)
-            total, parts = engine.loss_function(pred, targets)
-            total.backward()
-            engine.optimizer.step()
-        losses = {name: float(value.detach()) for name, value in parts.items()}
-        losses["total"] = float(total.detach())
-        loss = total.detach()
-        pred = pred.detach()
-        return [{"image": image[i], "pred": pred[i], "loss": loss, "losses": losses} for i in range(image.shape[0])]
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        missing = [k for k in (self.image_key, *self.keys) if k not in batchdata]
+        if missing:
+            raise KeyError(f"training batch lacks {missing} (run OCPCTargetsd last in the training transforms)")
+        image = batchdata[self.image_key]
+        image = image.as_tensor() if hasattr(image, "as_tensor") else image  # no MetaTensor bookkeeping per op
+        targets = {k: _to(torch.as_tensor(batchdata[k]), device, non_blocking) for k in self.keys}
+        return _to(image, device, non_blocking), targets
 
 
-class SpineOneEvalStep:
-    """One evaluation iteration: forward without gradients, then Hough-voting decoding per stream.
+class EvaluationBatch:
+    """``prepare_batch`` of the evaluator: ``(image MetaTensor on device, ground truth dict)``.
 
-    Returns ``{"image", "pred", "keypoints", "batch"}``: ``keypoints`` is a list over the batch of
-    ``{stream: [keypoint dict, ...]}`` as ``bundle.decoding.decode_keypoints`` returns them, with ``mm``
-    in patient coordinates through the image affine; ``batch`` is the input batch (ground truth and meta).
+    The ground truth (kept on the CPU) holds whichever of ``{stream}_points``, ``{stream}_labels`` and
+    ``skipped`` the batch has; the standard evaluator puts it under ``label`` in its output.
     """
 
-    def __init__(
-        self,
-        streams: Mapping[str, Mapping] | Sequence[StreamSpec],
-        radius: float = 6.0,
-        stride: int = 1,
-        network_stride: int = 4,
-    ) -> None:
-        self.specs = parse_streams(streams)
-        self.classes = {s.name: s.num_classes for s in self.specs}
-        self.radius = float(radius)
-        self.stride = int(stride)
-        self.upsample = float(network_stride) / float(stride)
+    def __init__(self, streams: OCPCCodec | Sequence, image_key: str = "image") -> None:
+        specs = streams.streams if isinstance(streams, OCPCCodec) else streams
+        self.keys = [f"{s.name}_{part}" for s in specs for part in ("points", "labels")] + [SKIPPED_KEY]
+        self.image_key = image_key
 
-    def __call__(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
-        image = _to_device(engine, batch["image"])
-        engine.network.eval()
-        with torch.inference_mode():
-            pred = engine.inferer(_plain(image), engine.network)
-            affine = getattr(image, "affine", None)
-            if affine is not None and affine.ndim == 2:
-                affine = affine.unsqueeze(0).expand(image.shape[0], -1, -1)
-            keypoints = decode_keypoints(
-                split_output(torch.as_tensor(pred).float(), self.classes),
-                self.specs,
-                radius=self.radius,
-                upsample=self.upsample,
-                stride=self.stride,
-                affine=None if affine is None else affine.detach().cpu().double(),
-            )
-        return {"image": image, "pred": pred, "keypoints": keypoints, "batch": batch}
+    def __call__(
+        self, batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kw
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        truth = {k: batchdata[k] for k in self.keys if k in batchdata}
+        return _to(batchdata[self.image_key], device, non_blocking), truth

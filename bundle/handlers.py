@@ -12,8 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 from bundle.atomic import atomic_write, atomic_write_text
+from bundle.codec import mm_to_pixels_np, pixels_to_mm_np
 from bundle.metrics import KeypointMetric, plot_confusion_matrix, plot_pck_curve
-from bundle.skipping import skipped_reasons
+from bundle.skipping import SKIPPED_KEY
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events
 from ignite.metrics import Metric
@@ -114,23 +115,20 @@ class TrainingStateCheckpoint:
 
 
 def in_plane(points_mm: np.ndarray, affine: np.ndarray) -> np.ndarray:
-    """Project patient-mm points (L, 3) onto the image plane k = 0 of a 4x4 voxel-to-mm ``affine``."""
-    affine = np.asarray(affine, dtype=np.float64)
-    homog = np.concatenate([points_mm, np.ones((len(points_mm), 1))], axis=1)
-    index = homog @ np.linalg.inv(affine).T
-    index[:, 2] = 0.0
-    return (index @ affine.T)[:, :3]
+    """Project patient-mm points (L, 3) onto the image plane k = 0 of a 4x4 voxel-to-mm ``affine`` (codec geometry)."""
+    return pixels_to_mm_np(mm_to_pixels_np(points_mm, affine), affine)
 
 
 class KeypointDetectionMetric(Metric):
-    """Ignite metric over the evaluator's output: decoded keypoints against the ground-truth points.
+    """Ignite metric over the evaluator's decollated output: decoded keypoints against the ground truth.
 
-    ``compute`` returns the key score (mean over streams of ``(macro_f1 + pck@6mm) / 2``); the full
-    per-stream results (PCK curve, P/R/F1, confusion matrices) are left in ``engine.state.keypoint_metrics``.
-    Distances are in-plane mm: ground truth is projected onto the middle slice's plane.
+    Each output item holds ``image`` (the input MetaTensor, its affine), ``keypoints`` (from the
+    ``KeypointsDecoded`` postprocessing) and ``label`` (the ground truth from ``bundle.EvaluationBatch``:
+    ``{stream}_points`` (L, 3) mm, ``{stream}_labels`` (L,), ``skipped``). ``compute`` returns the key score
+    (mean over streams of ``(macro_f1 + pck@6mm) / 2``); the full per-stream results (PCK curve, P/R/F1,
+    confusion matrices) are left in ``engine.state.keypoint_metrics``. Distances are in-plane mm: ground
+    truth is projected onto the middle slice's plane. A level not found counts as missed.
     """
-
-    required_output_keys = ("image", "batch", "keypoints")  # taken from SpineOneEvalStep's output
 
     def __init__(
         self,
@@ -146,27 +144,24 @@ class KeypointDetectionMetric(Metric):
     def reset(self) -> None:
         self._metric = KeypointMetric(self.specs, hit_mm=self.hit_mm)
 
-    def update(self, output: Sequence[Any]) -> None:
-        """``output``: (image MetaTensor (B, C, H, W), input batch, decoded keypoints per sample)."""
-        image, batch, keypoints = output
-        affines = torch.as_tensor(image.affine).detach().cpu().double().numpy()
-        if affines.ndim == 2:
-            affines = np.broadcast_to(affines, (len(keypoints), 4, 4))
-        skipped = skipped_reasons(batch, len(keypoints))
-        for i, predicted in enumerate(keypoints):
-            if skipped[i]:
-                predicted = {}  # a skipped study's placeholder image: its keypoints all count as missed
+    def update(self, output: Sequence[Mapping[str, Any]]) -> None:
+        """``output``: the decollated evaluator output, a list of ``{"image", "keypoints", "label"}`` items."""
+        for item in [output] if isinstance(output, Mapping) else output:
+            truth = item.get("label") or {}
+            affine = torch.as_tensor(item["image"].affine).detach().cpu().double().numpy()
+            skipped = bool(truth.get(SKIPPED_KEY, ""))
+            predicted = {} if skipped else item["keypoints"]  # a skipped study's keypoints all count as missed
             for spec in self.specs:
-                gt_mm = torch.as_tensor(batch[f"{spec.name}_points"][i]).double().cpu().numpy()
-                gt_labels = torch.as_tensor(batch[f"{spec.name}_labels"][i]).long().cpu().numpy()
+                gt_mm = torch.as_tensor(truth[f"{spec.name}_points"]).double().cpu().numpy().reshape(-1, 3)
+                gt_labels = torch.as_tensor(truth[f"{spec.name}_labels"]).long().cpu().numpy().reshape(-1)
                 pred_mm = np.full((spec.num_levels, 3), np.nan)
                 pred_labels = np.full((spec.num_levels,), -1, dtype=np.int64)
                 for point in predicted.get(spec.name, []):
                     pred_mm[point["level_index"]] = point["mm"]
                     pred_labels[point["level_index"]] = point["label"]
-                gt_plane = in_plane(np.nan_to_num(gt_mm), affines[i])
+                gt_plane = in_plane(np.nan_to_num(gt_mm), affine)
                 unlocated = np.isnan(gt_mm).any(axis=1)
-                if skipped[i]:  # labelled levels of a study skipped before its points were located: missed too
+                if skipped:  # labelled levels of a study skipped before its points were located: missed too
                     unlocated &= gt_labels < 0
                 gt_plane[unlocated] = np.nan
                 self._metric.update(spec.name, pred_mm, pred_labels, gt_plane, gt_labels)

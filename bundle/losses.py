@@ -1,7 +1,7 @@
 """SpineOne training loss (paper eq. 4-7): focal heatmap loss, L1 offset loss, objective association.
 
 Per stream with ``C`` classes the network predicts ``C`` heatmap logits and ``2C`` offsets on the
-stride-4 grid (layout: :func:`bundle.streams.split_output`). Both are upsampled bilinearly to the
+network grid (stride ``OUTPUT_STRIDE``; layout: :func:`bundle.streams.split_output`). Both are upsampled bilinearly to the
 target grid (the paper's ``B(.)``) and compared with the OCPC targets:
 
 - heatmap: sigmoid focal loss (gamma 2), summed over pixels and classes of the batch and divided by
@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from bundle.streams import StreamSpec, split_output
+from bundle.streams import StreamSpec, class_counts, split_output
 from monai.data import MetaTensor
 from monai.losses import FocalLoss
 from torch import nn
@@ -74,41 +74,38 @@ class SpineOneLoss(nn.Module):
     """Sum over streams of the focal heatmap loss and the (OA-weighted) L1 offset loss.
 
     Args:
-        streams: ordered ``{name: C}`` (or StreamSpecs), as in the network output.
+        streams: the codec's streams (``"@codec"``, StreamSpecs or the config mapping), in output order.
         gamma: focal loss exponent (paper: 2).
         oa_enabled: apply objective association; an event handler may switch it at run time.
         oa_mode: "paper" (``|w * o_hat - o|``) or "weighted_error" (``w * |o_hat - o|``).
         use_offset_loss: False drops the offset terms (ablation); their parts are then 0.
 
-    ``forward(pred, targets)``: ``pred`` (B, sum 3C, h, w) raw network output; ``targets`` holds per
+    ``loss_parts(pred, targets)``: ``pred`` (B, sum 3C, h, w) raw network output; ``targets`` holds per
     stream ``{name}_heatmap`` (B, C, H, W) in {0, 1}, ``{name}_offset`` (B, 2C, H, W) in target-grid
     pixels and ``{name}_offset_mask`` (B, 2C, H, W) in {0, 1}. Returns ``(total, parts)`` with
     ``parts = {f"{name}_heatmap": t, f"{name}_offset": t}`` (scalars) and ``total == sum(parts.values())``.
+    ``forward`` (the trainer's ``loss_function``) returns ``total`` and keeps the parts in ``last_parts``.
 
     Example:
-        >>> loss = SpineOneLoss({"disc": 3})
+        >>> loss = SpineOneLoss({"disc": {"levels": ["L4/L5", "L5/S1"], "classes": ["a", "b", "c"]}})
         >>> t = {"disc_heatmap": torch.zeros(1, 3, 8, 8), "disc_offset": torch.zeros(1, 6, 8, 8),
         ...      "disc_offset_mask": torch.zeros(1, 6, 8, 8)}
-        >>> total, parts = loss(torch.zeros(1, 9, 4, 4), t)
+        >>> total, parts = loss.loss_parts(torch.zeros(1, 9, 4, 4), t)
         >>> sorted(parts)
         ['disc_heatmap', 'disc_offset']
     """
 
     def __init__(
         self,
-        streams: Mapping[str, int] | Sequence[StreamSpec],
+        streams: Mapping[str, Mapping] | Sequence[StreamSpec],
         gamma: float = 2.0,
         oa_enabled: bool = False,
         oa_mode: str = "paper",
         use_offset_loss: bool = True,
     ) -> None:
         super().__init__()
-        if isinstance(streams, Mapping):
-            self.streams = {str(k): int(v) for k, v in streams.items()}
-        else:
-            self.streams = {s.name: s.num_classes for s in streams}
-        if not self.streams or any(c < 1 for c in self.streams.values()):
-            raise ValueError(f"streams must map names to class counts >= 1, got {self.streams}")
+        self.streams = class_counts(streams)
+        self.last_parts: dict[str, torch.Tensor] = {}
         if gamma < 0:
             raise ValueError(f"gamma must be >= 0, got {gamma}")
         self.gamma = float(gamma)
@@ -157,11 +154,25 @@ class SpineOneLoss(nn.Module):
             err = weights * (offsets - target).abs()
         return (err * m).sum() / m.sum().clamp_min(1)
 
-    def forward(
+    def forward(self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The total loss (scalar), as MONAI's ``SupervisedTrainer`` expects; the parts stay in ``last_parts``."""
+        total, parts = self.loss_parts(pred, targets)
+        self.last_parts = {name: value.detach() for name, value in parts.items()}
+        self.last_parts["total"] = total.detach()
+        return total
+
+    def logged_parts(self, output: object = None) -> dict[str, float]:
+        """Every part of the last ``forward`` and ``total`` as floats; a handler's ``output_transform``
+        (``"$@loss.logged_parts"``: StatsHandler, TensorBoard and MLflow then log each part)."""
+        return {name: float(value) for name, value in self.last_parts.items()}
+
+    def loss_parts(
         self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, parts)``; computed in float32 whatever the autocast state (the terms need fp32 range)."""
         if isinstance(pred, MetaTensor):
             pred = pred.as_tensor()
+        pred = pred.float()
         parts: dict[str, torch.Tensor] = {}
         for name, (logits, offsets) in split_output(pred, self.streams).items():
             c = self.streams[name]

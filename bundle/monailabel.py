@@ -2,10 +2,11 @@
 
 MONAI Label runs inference.json's ``preprocessing``, ``inferer`` and ``postprocessing`` on one item
 ``{"image": series folder or DICOM files}``; it leaves the network output, without batch dimension, in
-``data["pred"]`` (sum over streams of 3C, h, w) on the stride-4 grid of the preprocessed image, then
+``data["pred"]`` (sum over streams of 3C, h, w) on the network grid of the preprocessed image, then
 appends its ``Restored`` transform and writes ``data["pred"]`` as the label file and ``data["result"]`` as
-the JSON answer. MONAI Label has no keypoint task type, so the bundle is served as a segmentation-type
-model whose label map marks each keypoint with a small disk.
+the JSON answer. The postprocessing is ``bundle.transforms.KeypointsDecoded`` (the evaluator's decode
+path, writing ``data["keypoints"]``) followed by :class:`KeypointsToLabeld`. MONAI Label has no keypoint task
+type, so the bundle is served as a segmentation-type model whose label map marks each keypoint with a small disk.
 """
 
 from __future__ import annotations
@@ -15,9 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from bundle.decoding import decode_keypoints
 from bundle.outputs import keypoint_record
-from bundle.streams import StreamSpec, parse_streams, split_output
+from bundle.streams import StreamSpec, parse_streams
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
@@ -43,28 +43,27 @@ def label_values(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[
 
 
 class KeypointsToLabeld(MapTransform):
-    """Decode keypoints from ``data[keys]`` (network output (sum 3C, h, w)) and draw them as a label map.
+    """Turn the decoded ``data[keypoints_key]`` into MONAI Label's answer and draw them as a label map in ``data[keys]``.
 
     Writes ``data["result"] = {"keypoints": [...], "label_values": {...}}``. Each keypoint holds ``stream``,
-    ``level``, ``label`` (class name), ``label_index``, ``probabilities`` ({class: p}), ``score``,
-    ``position_mm`` (patient LPS mm), ``x``/``y`` (column/row pixels of the original series' middle slice,
-    the image's voxel grid), ``voxel`` ([row, column, 0] index in that grid) and ``instance_number``.
+    ``level``, ``level_confidence``, ``label`` (class name), ``label_index``, ``probabilities`` ({class: p}),
+    ``score``, ``position_mm`` (patient LPS mm), ``x``/``y`` (column/row pixels of the original series' middle
+    slice, the image's voxel grid), ``voxel`` ([row, column, 0] index in that grid) and ``instance_number``.
     ``data[keys]`` becomes a label map (1, rows, cols, 1) on that grid, uint8: a disk of ``disk_mm`` radius
     around each keypoint whose value is ``label_values(streams)`` of its level. The image metadata's
     ``spatial_shape`` and ``original_affine`` are set to that grid (the affine in RAS) so that MONAI Label's
     ``Restored`` keeps the map as is and its writer stores it with the series' geometry.
 
     Args:
-        keys: the network output key (``"pred"``).
-        streams: the model's streams (``{name: {"levels": [...], "classes": [...]}}``).
-        image_key: the preprocessed image (MetaTensor with ``affine`` and the loader's metadata).
-        radius, stride, network_stride: Hough-voting disk radius (target pixels) and grids, as in
-            ``bundle.SpineOneEvalStep``.
+        keys: the network output key (``"pred"``), replaced by the label map.
+        streams: the model's streams (``"@codec"``).
+        image_key: the preprocessed image (MetaTensor with the loader's metadata).
+        keypoints_key: where ``KeypointsDecoded`` left the keypoints.
         disk_mm: radius of each drawn disk in mm.
         result_extension: label file type used when the request does not name one.
 
     Example:
-        >>> post = KeypointsToLabeld("pred", {"disc": {"levels": ["L4/L5"], "classes": ["n", "d"]}})  # doctest: +SKIP
+        >>> post = Compose([KeypointsDecoded(codec), KeypointsToLabeld("pred", codec.streams)])  # doctest: +SKIP
         >>> out = post({"image": image, "pred": net(image[None])[0]})  # doctest: +SKIP
         >>> out["result"]["keypoints"][0]["level"], out["pred"].shape  # doctest: +SKIP
         ('L4/L5', torch.Size([1, 512, 512, 1]))
@@ -75,9 +74,7 @@ class KeypointsToLabeld(MapTransform):
         keys: str = "pred",
         streams: Mapping[str, Mapping] | Sequence[StreamSpec] | None = None,
         image_key: str = "image",
-        radius: float = 6.0,
-        stride: int = 1,
-        network_stride: int = 4,
+        keypoints_key: str = "keypoints",
         disk_mm: float = 3.0,
         result_extension: str = ".nii.gz",
     ) -> None:
@@ -87,12 +84,9 @@ class KeypointsToLabeld(MapTransform):
         if disk_mm <= 0:
             raise ValueError(f"disk_mm must be positive, got {disk_mm}")
         self.specs = parse_streams(streams)
-        self.classes = {s.name: s.num_classes for s in self.specs}
         self.values = label_values(self.specs)
         self.image_key = image_key
-        self.radius = float(radius)
-        self.stride = int(stride)
-        self.upsample = float(network_stride) / float(stride)
+        self.keypoints_key = keypoints_key
         self.disk_mm = float(disk_mm)
         self.result_extension = result_extension
 
@@ -101,25 +95,13 @@ class KeypointsToLabeld(MapTransform):
         image = d[self.image_key]
         if not isinstance(image, MetaTensor):
             raise TypeError(f"data[{self.image_key!r}] must be the preprocessed MetaTensor, got {type(image).__name__}")
+        if self.keypoints_key not in d:
+            raise KeyError(f"data[{self.keypoints_key!r}] is missing: run bundle.KeypointsDecoded first")
         meta = image.meta
         original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
         rows, cols = (int(v) for v in np.asarray(meta["spatial_shape"]).reshape(-1)[:2])
         for key in self.key_iterator(d):
-            pred = torch.as_tensor(d[key]).detach().float().cpu()
-            if pred.ndim != 3:
-                raise ValueError(
-                    f"data[{key!r}] must be the network output without batch dim (C, h, w), got {tuple(pred.shape)}"
-                )
-            affine = torch.as_tensor(image.affine).detach().cpu().double().reshape(1, 4, 4)
-            decoded = decode_keypoints(
-                split_output(pred[None], self.classes),
-                self.specs,
-                radius=self.radius,
-                upsample=self.upsample,
-                stride=self.stride,
-                affine=affine,
-            )[0]
-            points = self._points(decoded, original_affine, int(meta.get("middle_instance_number", 0)))
+            points = self._points(d[self.keypoints_key], original_affine, int(meta.get("middle_instance_number", 0)))
             label = self._draw(points, rows, cols, original_affine)
             ras_affine = torch.from_numpy(_LPS_TO_RAS @ original_affine)
             d[key] = MetaTensor(torch.from_numpy(label)[None, :, :, None], affine=ras_affine)

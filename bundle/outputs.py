@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 from bundle.atomic import atomic_write_bytes, atomic_write_text
+from bundle.codec import mm_to_pixels_np
 from bundle.csvrows import read_csv_rows
-from bundle.rsna_metric import CONDITIONS, GROUPS, LEVELS, SAMPLE_WEIGHTS, SEVERITIES
-from bundle.skipping import skipped_reasons
+from bundle.rsna_labels import CONDITIONS, GROUPS
+from bundle.rsna_labels import LEVEL_KEYS as LEVELS
+from bundle.rsna_labels import SAMPLE_WEIGHTS, SEVERITIES, SPINAL, snake
+from bundle.skipping import SKIPPED_KEY
 from bundle.streams import StreamSpec, parse_streams
 from ignite.engine import Engine, Events
-from monai.data import decollate_batch
 
 __all__ = [
     "KeypointsWriter",
@@ -94,15 +96,15 @@ def read_rsna_prior(train_csv: str | Path | None) -> dict[str, tuple[float, ...]
 
 def keypoints_to_pixels(mm: Sequence[float], affine: np.ndarray) -> tuple[float, float]:
     """Patient mm (3,) to ``(x, y)`` = (column, row) pixels of the slice whose 4x4 voxel-to-mm affine is given."""
-    index = np.linalg.inv(np.asarray(affine, dtype=np.float64)) @ np.array([*mm, 1.0])
-    return float(index[1]), float(index[0])
+    x, y = mm_to_pixels_np(np.asarray(mm, dtype=np.float64).reshape(1, 3), affine)[0]
+    return float(x), float(y)
 
 
 def keypoint_record(
     spec: StreamSpec, point: Mapping[str, Any], affine: np.ndarray, instance_number: int, ndigits: int | None = None
 ) -> dict[str, Any]:
-    """One decoded keypoint as written out: ``stream, level, x, y`` (pixels of the slice whose 4x4
-    voxel-to-mm ``affine`` is given), ``instance_number``, ``position_mm``, ``label`` (class name),
+    """One decoded keypoint as written out: ``stream, level, level_confidence, x, y`` (pixels of the slice
+    whose 4x4 voxel-to-mm ``affine`` is given), ``instance_number``, ``position_mm``, ``label`` (class name),
     ``label_index``, ``probabilities`` ({class: p}) and ``score``; floats rounded to ``ndigits`` when given."""
 
     def num(value: float) -> float:
@@ -112,6 +114,7 @@ def keypoint_record(
     return {
         "stream": spec.name,
         "level": point["level"],
+        "level_confidence": num(point.get("level_confidence", 1.0)),
         "x": num(x),
         "y": num(y),
         "instance_number": int(instance_number),
@@ -168,9 +171,7 @@ class KeypointsWriter:
         self.output_dir = Path(output_dir)
         self.specs = parse_streams(streams)
         self.dataset_format = dataset_format
-        self.submission_streams = dict(
-            submission_streams or ({"disc": "spinal_canal_stenosis"} if dataset_format == "rsna" else {})
-        )
+        self.submission_streams = dict(submission_streams or ({"disc": SPINAL} if dataset_format == "rsna" else {}))
         self.prior = {k: tuple(v) for k, v in (prior or RSNA_PRIOR).items()}
         self.overlay = overlay
         self.rows: list[tuple[str, tuple[float, float, float]]] = []
@@ -185,15 +186,16 @@ class KeypointsWriter:
         self.rows = []
 
     def write_iteration(self, engine: Engine) -> None:
-        output = engine.state.output
-        items = decollate_batch(output["batch"], detach=True)
-        reasons = skipped_reasons(output["batch"], len(items))
-        for item, predicted, reason in zip(items, output["keypoints"], reasons):
-            if reason:  # no keypoints.json for a skipped study; its submission rows get the constant prediction
+        """Write the studies of one evaluator iteration: its decollated batch and output (``keypoints``)."""
+        batch, output = engine.state.batch, engine.state.output
+        if isinstance(batch, Mapping) or isinstance(output, Mapping):
+            raise TypeError("KeypointsWriter needs the evaluator's decollated batch and output (decollate=True)")
+        for item, result in zip(batch, output):
+            if item.get(SKIPPED_KEY):  # no keypoints.json for a skipped study; its rows get the constant prediction
                 if self.dataset_format == "rsna":
                     self._add_submission_rows(str(item["study_id"]), [])
                 continue
-            self.write_study(item, predicted)
+            self.write_study(item, result["keypoints"])
 
     def write_study(self, item: Mapping[str, Any], predicted: Mapping[str, Sequence[Mapping[str, Any]]]) -> dict:
         """Write ``keypoints.json`` (and ``overlay.png``) of one study; return the JSON content."""
@@ -234,7 +236,7 @@ class KeypointsWriter:
             condition = self.submission_streams.get(point["stream"])
             if condition is None or len(point["probabilities"]) != 3:
                 continue
-            level = point["level"].lower().replace("/", "_").replace("-", "_")
+            level = snake(point["level"])
             predicted[(condition, level)] = tuple(point["probabilities"].values())
         for condition in CONDITIONS:
             for level in LEVELS:

@@ -30,6 +30,9 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 from bundle.csvrows import is_blank_row
 from bundle.errors import BundleInputError
+from bundle.rsna_labels import CONDITIONS, GROUPS
+from bundle.rsna_labels import LEVEL_KEYS as LEVELS
+from bundle.rsna_labels import PRED_COLUMNS, SAMPLE_WEIGHTS, SEVERITIES
 
 __all__ = [
     "CONDITIONS",
@@ -46,19 +49,7 @@ __all__ = [
     "weighted_log_loss",
 ]
 
-CONDITIONS = (
-    "spinal_canal_stenosis",
-    "left_neural_foraminal_narrowing",
-    "right_neural_foraminal_narrowing",
-    "left_subarticular_stenosis",
-    "right_subarticular_stenosis",
-)
-LEVELS = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
 LABEL_COLUMNS = tuple(f"{c}_{lv}" for c in CONDITIONS for lv in LEVELS)
-SEVERITIES = ("Normal/Mild", "Moderate", "Severe")
-PRED_COLUMNS = ("normal_mild", "moderate", "severe")
-SAMPLE_WEIGHTS = (1.0, 2.0, 4.0)
-GROUPS = ("spinal", "foraminal", "subarticular")
 EPS = float(np.finfo(np.float64).eps)
 ANY_SEVERE = "any_severe_spinal"
 

@@ -173,10 +173,17 @@ class SkippedStudiesWriter:
         self._publish(engine)
 
     def record(self, engine: Engine) -> None:
+        """Count the iteration's studies from its batch, collated (a dict) or decollated (a list of items)."""
         batch = engine.state.batch
-        ids = batch.get("study_id", []) if isinstance(batch, Mapping) else []
-        ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
-        for study_id, reason in zip(ids, skipped_reasons(batch, len(ids))):
+        if isinstance(batch, Mapping):
+            ids = batch.get("study_id", [])
+            ids = [ids] if isinstance(ids, str) else [str(i) for i in ids]
+            reasons = skipped_reasons(batch, len(ids))
+        else:
+            items = [item for item in (batch or []) if isinstance(item, Mapping)]
+            ids = [str(item.get("study_id", "")) for item in items]
+            reasons = [str(item.get(SKIPPED_KEY) or "") for item in items]
+        for study_id, reason in zip(ids, reasons):
             if reason:
                 logger.warning(f"study {study_id} skipped: {reason}")
                 self.skipped.append((study_id, reason))

@@ -11,8 +11,18 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from bundle.rsna_labels import LEVELS as RSNA_LEVELS
+from bundle.rsna_labels import SEVERITIES as RSNA_SEVERITIES
 
-__all__ = ["StreamSpec", "RSNA_STREAMS", "TIANCHI_STREAMS", "parse_streams", "stream_channels", "split_output"]
+__all__ = [
+    "StreamSpec",
+    "RSNA_STREAMS",
+    "TIANCHI_STREAMS",
+    "parse_streams",
+    "class_counts",
+    "stream_channels",
+    "split_output",
+]
 
 
 @dataclass(frozen=True)
@@ -42,8 +52,6 @@ class StreamSpec:
         return len(self.levels)
 
 
-RSNA_LEVELS = ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")
-RSNA_SEVERITIES = ("Normal/Mild", "Moderate", "Severe")
 RSNA_STREAMS: tuple[StreamSpec, ...] = (StreamSpec("disc", RSNA_LEVELS, RSNA_SEVERITIES),)
 
 TIANCHI_DISC_LEVELS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
@@ -56,18 +64,25 @@ TIANCHI_STREAMS: tuple[StreamSpec, ...] = (
 
 
 def parse_streams(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> tuple[StreamSpec, ...]:
-    """Normalise a config mapping ``{name: {"levels": [...], "classes": [...]}}`` to StreamSpecs.
+    """Normalise the streams (a config mapping ``{name: {"levels": [...], "classes": [...]}}``, StreamSpecs or a
+    codec, whose streams are taken) to a tuple of StreamSpecs. This is the one meaning of ``streams``.
 
     Example:
         >>> parse_streams({"disc": {"levels": ["L1/L2"], "classes": ["a", "b"]}})[0].num_classes
         2
     """
+    if hasattr(streams, "streams") and not isinstance(streams, Mapping):  # an OCPCCodec
+        streams = streams.streams
+    if isinstance(streams, StreamSpec):
+        streams = (streams,)
     if isinstance(streams, Mapping):
         out = []
         for name, spec in streams.items():
             if isinstance(spec, StreamSpec):
                 out.append(spec)
                 continue
+            if not isinstance(spec, Mapping):
+                raise ValueError(f"stream {name!r} must be {{'levels': [...], 'classes': [...]}}, got {spec!r}")
             missing = {"levels", "classes"} - set(spec)
             if missing:
                 raise ValueError(f"stream {name!r} misses {sorted(missing)}")
@@ -81,6 +96,11 @@ def parse_streams(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> tupl
     if len(set(names)) != len(names):
         raise ValueError(f"stream names must be unique, got {names}")
     return specs
+
+
+def class_counts(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[str, int]:
+    """``{stream: number of classes}`` in stream order, from any form :func:`parse_streams` takes."""
+    return {s.name: s.num_classes for s in parse_streams(streams)}
 
 
 def stream_channels(streams: Mapping[str, int]) -> int:

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from bundle.errors import BundleInputError
-from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_streams
+from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS
 
 __all__ = [
     "DATASET_FORMATS",
     "default_streams",
-    "stream_classes",
     "prepare_dataset",
     "tianchi_sets",
     "load_datalist",
@@ -36,11 +35,6 @@ def default_streams(dataset_format: str) -> dict[str, dict[str, list[str]]]:
     """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format."""
     specs = RSNA_STREAMS if _check_format(dataset_format) == "rsna" else TIANCHI_STREAMS
     return {s.name: {"levels": list(s.levels), "classes": list(s.classes)} for s in specs}
-
-
-def stream_classes(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[str, int]:
-    """``{stream: number of classes}`` in stream order: what ``SpineOne`` and ``SpineOneLoss`` take."""
-    return {s.name: s.num_classes for s in parse_streams(streams)}
 
 
 def prepare_dataset(

@@ -34,16 +34,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
 
 import torch  # noqa: E402
-from bundle.decoding import decode_keypoints  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
 from bundle.losses import SpineOneLoss  # noqa: E402
 from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
-from bundle.outputs import KeypointsWriter  # noqa: E402
-from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
+from bundle.streams import RSNA_STREAMS  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
-STREAMS = {"disc": 3}  # RSNA: one stream, 3 severities
-RADIUS, TARGET_STRIDE, NETWORK_STRIDE = 6.0, 1, 4  # as configs/inference.json
+STREAMS = RSNA_STREAMS  # one stream (disc), 3 severities
+INFERENCE_CONFIG = ROOT / "configs" / "inference.json"
 #: training batches measured per PAM implementation: 2 is the smallest BatchNorm allows; the third sample's
 #: extra peak RSS is the memory one sample costs, free of the fixed part (imports, weights, Adam state)
 TRAIN_BATCHES = (2, 3)
@@ -183,80 +181,81 @@ def _generate_study(root: Path, seed: int) -> Path:
     return Path(generate_phantoms(root, layout="rsna", studies=1, seed=seed))
 
 
-def _preprocessing(size: int):
-    """The inference config's preprocessing at ``input_size = size``: (loader, the remaining transforms)."""
+def _timed(transform: Callable, name: str, seconds: dict[str, float]) -> Callable:
+    def run(data: Any) -> Any:  # ``transform``, adding its run time to ``seconds[name]``
+        start = time.perf_counter()
+        out = transform(data)
+        seconds[name] += time.perf_counter() - start
+        return out
+
+    return run
+
+
+def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool):
+    """configs/inference.json's evaluator (input ``size``, ResNet-``depth``, an untrained checkpoint) on ``data_dir``."""
     from monai.bundle import ConfigParser
+
+    parser, ckpt_dir = ConfigParser(), out_dir.parent / "models"
+    parser.read_config(str(INFERENCE_CONFIG))
+    parser.update(dict(input_size=size, backbone_depth=depth, dataset_dir=str(data_dir), num_workers=0))
+    parser.update({"output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"})
+    for handler in parser["handlers"]:
+        if handler["_target_"] == "bundle.InferenceOptimizer":
+            handler["channels_last"] = channels_last
+    if not (ckpt_dir / "model.pt").is_file():
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(parser.get_parsed_content("network_def#network").state_dict(), ckpt_dir / "model.pt")
+    return parser.get_parsed_content("evaluator")
+
+
+def end_to_end_once(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool) -> dict:
+    """One study from DICOM folder to keypoints.json + overlay.png through the configured evaluator, seconds per
+    part: load (the loader transform), preprocess (the other transforms), network (prepare_batch + forward),
+    decode (decollation + postprocessing), write (the writers); start_seconds (checkpoint, BatchNorm folding)
+    and run_seconds (the whole run) lie outside the sum."""
+    from ignite.engine import Events
+    from monai.engines.utils import IterationEvents
     from monai.transforms import Compose
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "configs" / "inference.json"))
-    parser["input_size"] = int(size)
-    transforms = parser.get_parsed_content("preprocessing").transforms
-    return transforms[0], Compose(list(transforms[1:]))
-
-
-def end_to_end_once(
-    net: torch.nn.Module, data_dir: Path, out_dir: Path, preprocessing: tuple, channels_last: bool
-) -> dict:
-    """One study from DICOM folder to keypoints.json (+ overlay.png): seconds per part.
-
-    load = finding the study and its sagittal T2 series + reading the middle slices; preprocess = the
-    config's intensity scaling, spacing, pad/crop and normalisation; network = forward pass;
-    decode = Hough voting and peaks; write = keypoints.json and overlay.png.
-    """
-    from bundle.studies import find_studies
-
-    loader, transforms = preprocessing
+    evaluator = _configured_evaluator(size, depth, data_dir, out_dir, channels_last)
+    seconds, stamps, dataset = {"load": 0.0, "preprocess": 0.0}, {}, evaluator.data_loader.dataset
+    first, *rest = dataset.transform.transforms
+    dataset.transform = Compose([_timed(first, "load", seconds), _timed(Compose(rest), "preprocess", seconds)])
+    events = {"iteration": Events.ITERATION_STARTED, "forward": IterationEvents.FORWARD_COMPLETED}
+    events.update(decoded=IterationEvents.MODEL_COMPLETED, written=Events.ITERATION_COMPLETED)  # attached last
+    for name, event in events.items():
+        evaluator.add_event_handler(event, lambda e, name=name: stamps.__setitem__(name, time.perf_counter()))
+    evaluator.add_event_handler(Events.GET_BATCH_STARTED, lambda e: stamps.setdefault("fetch", time.perf_counter()))
     t0 = time.perf_counter()
-    data = loader(find_studies(data_dir)[0])
-    t1 = time.perf_counter()
-    data = transforms(data)
-    t2 = time.perf_counter()
-    image = data["image"]
-    with torch.inference_mode():
-        x = image.as_tensor().unsqueeze(0)
-        pred = net(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
-    t3 = time.perf_counter()
-    with torch.inference_mode():
-        keypoints = decode_keypoints(
-            split_output(pred, STREAMS),
-            RSNA_STREAMS,
-            radius=RADIUS,
-            upsample=NETWORK_STRIDE / TARGET_STRIDE,
-            stride=TARGET_STRIDE,
-            affine=image.affine.unsqueeze(0).double(),
-        )
-    t4 = time.perf_counter()
-    KeypointsWriter(out_dir, RSNA_STREAMS, dataset_format="rsna", overlay=True).write_study(data, keypoints[0])
-    t5 = time.perf_counter()
+    evaluator.run()
+    parts = {"load_seconds": seconds["load"], "preprocess_seconds": seconds["preprocess"]}
+    parts["network_seconds"] = stamps["forward"] - stamps["iteration"]
+    parts["decode_seconds"] = stamps["decoded"] - stamps["forward"]
+    parts["write_seconds"] = stamps["written"] - stamps["decoded"]
     return {
-        "load_seconds": t1 - t0,
-        "preprocess_seconds": t2 - t1,
-        "network_seconds": t3 - t2,
-        "decode_seconds": t4 - t3,
-        "write_seconds": t5 - t4,
-        "end_to_end_seconds": t5 - t0,
-        "input_shape": list(image.shape),
-        "num_keypoints": sum(len(v) for v in keypoints[0].values()),
+        **parts,
+        "end_to_end_seconds": sum(parts.values()),
+        "start_seconds": stamps["fetch"] - t0,
+        "run_seconds": time.perf_counter() - t0,
+        "input_shape": list(evaluator.state.batch[0]["image"].shape),  # one study: the last iteration's
+        "num_keypoints": sum(len(v) for v in evaluator.state.output[0]["keypoints"].values()),
     }
 
 
-def synthetic_targets(batch: int, size: int, classes: int = 3, levels: int = 5, radius: float = RADIUS) -> dict:
-    """Loss targets on the stride-1 grid: ``levels`` disks along the middle column, offsets to their centres."""
-    heatmap = torch.zeros(batch, classes, size, size)
-    offset = torch.zeros(batch, 2 * classes, size, size)
-    mask = torch.zeros(batch, 2 * classes, size, size)
-    rows = torch.arange(size, dtype=torch.float32).view(-1, 1)
-    cols = torch.arange(size, dtype=torch.float32).view(1, -1)
-    for b in range(batch):
-        for level in range(levels):
-            cy, cx, c = (level + 1) * size / (levels + 1), size / 2.0, (b + level) % classes
-            disk = ((rows - cy) ** 2 + (cols - cx) ** 2) <= radius**2
-            heatmap[b, c][disk] = 1.0
-            offset[b, 2 * c][disk] = (cx - cols).expand(size, size)[disk]
-            offset[b, 2 * c + 1][disk] = (cy - rows).expand(size, size)[disk]
-            mask[b, 2 * c : 2 * c + 2, disk] = 1.0
-    return {"disc_heatmap": heatmap, "disc_offset": offset, "disc_offset_mask": mask}
+def synthetic_targets(batch: int, size: int, classes: int = 3, levels: int = 5, radius: float = 6.0) -> dict:
+    """Loss targets (``codec.encode``) on the stride-1 grid: ``levels`` disks along the middle column."""
+    from bundle.codec import OCPCCodec
+    from bundle.streams import StreamSpec
+
+    spec = StreamSpec("disc", tuple(f"l{i}" for i in range(levels)), tuple(f"c{i}" for i in range(classes)))
+    codec = OCPCCodec([spec], radius=radius, target_stride=1, network_stride=4)
+    mm = torch.tensor([[(level + 1) * size / (levels + 1), size / 2.0, 0.0] for level in range(levels)])  # identity
+    items = [
+        codec.encode({"disc": mm}, {"disc": (b + torch.arange(levels)) % classes}, torch.eye(4), (size, size))
+        for b in range(batch)
+    ]
+    return {k: torch.stack([item[k] for item in items]) for k in codec.target_keys()}
 
 
 def train_step(depth: int, crop: int, impl: str, repeats: int, batch: int = 2, device: str = "cpu") -> dict[str, float]:
@@ -278,7 +277,7 @@ def train_step(depth: int, crop: int, impl: str, repeats: int, batch: int = 2, d
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=False)  # SupervisedTrainer's default
-        total, _ = loss_fn(net(x), targets)
+        total = loss_fn(net(x), targets)
         total.backward()
         optimizer.step()
         _synchronize(dev)
@@ -372,10 +371,9 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     """Work done in a fresh subprocess so that ru_maxrss is this measurement's peak only."""
     rss_import = _current_rss_mb()
     if args.child == "inference":
-        net = build_inference_network(args.depth, not args.no_channels_last)
         with tempfile.TemporaryDirectory() as out:
             parts = end_to_end_once(
-                net, Path(args.data_dir), Path(out), _preprocessing(args.size), not args.no_channels_last
+                args.size, args.depth, Path(args.data_dir), Path(out) / "out", not args.no_channels_last
             )
         return {
             "peak_rss_mb": _peak_rss_mb(),
@@ -496,7 +494,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result["conv3x3_over_matmul"] = result["conv3x3_gflops"] / result["matmul_gflops"]
     eager = SpineOne(STREAMS, backbone_depth=args.depth, pam_impl="fused").eval()
     x_eager = x.contiguous()
-    with torch.no_grad():  # as SpineOneEvalStep runs it: no folding, NCHW, no_grad
+    with torch.no_grad():  # as the standard evaluator runs an unprepared model: no folding, NCHW, no_grad
         eager(x_eager)
         eager_seconds = _best(partial(eager, x_eager), args.repeats)
     del eager
@@ -519,9 +517,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with tempfile.TemporaryDirectory(prefix="spineone_bench_") as tmp:
         data_dir = _generate_study(Path(tmp) / "phantom", args.seed)
-        preprocessing = _preprocessing(args.size)
         passes = [
-            end_to_end_once(net, data_dir, Path(tmp) / "out", preprocessing, channels_last)
+            end_to_end_once(args.size, args.depth, data_dir, Path(tmp) / "out", channels_last)
             for _ in range(1 + args.repeats)
         ]
         first, best = passes[0], min(passes[1:], key=lambda p: p["end_to_end_seconds"])

@@ -99,12 +99,20 @@ def large_files_entry(weights: Path, url: str, hash_val: str | None, hash_type: 
 
 
 def write_demo_overrides(src: Path, out: Path) -> dict[str, object]:
-    """Write configs/demo.json's keys that inference.json has (but ``ckpt_dir``) into the copy's inference.json."""
+    """Write configs/demo.json's keys that inference.json has (but ``ckpt_dir``) into the copy's inference.json;
+    a ``#``-path (``codec#radius``) sets that entry inside its section."""
     demo = json.loads((src / DEMO_CONFIG).read_text())
     path = out / "configs" / "inference.json"
     config = json.loads(path.read_text())
-    overrides = {k: v for k, v in demo.items() if k in config and k not in DEMO_SKIPPED_KEYS}
-    config.update(overrides)
+    overrides = {}
+    for key, value in demo.items():
+        *parents, last = key.split("#")
+        section = config
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict) and last in section and key not in DEMO_SKIPPED_KEYS:
+            section[last] = value
+            overrides[key] = value
     path.write_text(json.dumps(config, indent=4) + "\n")
     return overrides
 

@@ -13,6 +13,7 @@ from bundle import SpineOne
 from bundle.checkpoints import checked_network, checkpoint_mismatch, guess_spineone_settings, load_state_dict
 from bundle.errors import BundleInputError
 from monai.bundle import ConfigParser
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _net(depth: int = 18, **kwargs) -> SpineOne:
     torch.manual_seed(0)
     return SpineOne(
-        kwargs.pop("streams", {"disc": 3}), backbone_depth=depth, in_channels=kwargs.pop("in_channels", 7), **kwargs
+        kwargs.pop("streams", streams(disc=3)), backbone_depth=depth, in_channels=kwargs.pop("in_channels", 7), **kwargs
     )
 
 
@@ -48,7 +49,7 @@ def test_mismatch_names_keys_shapes_and_fitting_overrides(tmp_path):
 
 
 def test_guess_reads_depth_slices_attention_and_format():
-    tianchi = _net(34, streams={"disc": 2, "vertebra": 2}, in_channels=5, attention=["cam"])
+    tianchi = _net(34, streams=streams(disc=2, vertebra=2), in_channels=5, attention=["cam"])
     assert guess_spineone_settings(tianchi.state_dict()) == {
         "backbone_depth": 34,
         "num_slices": 5,
@@ -56,7 +57,7 @@ def test_guess_reads_depth_slices_attention_and_format():
         "dataset_format": "tianchi",
     }
     with torch.device("meta"):
-        deep = SpineOne({"disc": 3}, backbone_depth=101, in_channels=7, attention=None)
+        deep = SpineOne(streams(disc=3), backbone_depth=101, in_channels=7, attention=None)
     assert guess_spineone_settings(deep.state_dict())["backbone_depth"] == 101
     assert guess_spineone_settings({"conv.weight": torch.zeros(1)}) is None
 

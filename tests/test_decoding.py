@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle.codec import pixels_to_mm, target_to_image
-from bundle.decoding import decode_keypoints, hough_voting
+import torch.nn.functional as F
+from bundle.codec import OCPCCodec, pixels_to_mm, target_to_image
+from bundle.decoding import hough_voting, splat_votes, splat_votes_public
 from bundle.streams import StreamSpec, split_output
-from bundle.targets import OCPCTargetsd
+from bundle.transforms import OCPCTargetsd
 from monai.data import MetaTensor
 
 DISC = StreamSpec("disc", ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1"), ("n", "m", "s"))
@@ -101,6 +102,16 @@ def _check(kps: list[dict], spec: StreamSpec, xy, mm, labels, tol: float):
         assert kp["score"] > 0
 
 
+def _codec(streams, radius: float = 6.0, target_stride: int = 1, network_stride: int = 1, **kw) -> OCPCCodec:
+    """The test cases' discs lie ~19 mm apart (21 rows of 0.9 mm)."""
+    kw.setdefault("level_spacing_mm", 19.0)
+    return OCPCCodec(streams, radius=radius, target_stride=target_stride, network_stride=network_stride, **kw)
+
+
+def _output(*parts: torch.Tensor) -> torch.Tensor:
+    return torch.cat(parts, dim=1)
+
+
 def _round_trip_inputs(flip_rows: bool = False, stride: int = 1, radius: float = 6.0, size: int = 128):
     affine = _affine(flip_rows)
     rng = np.random.default_rng(3)
@@ -118,7 +129,7 @@ def _round_trip_inputs(flip_rows: bool = False, stride: int = 1, radius: float =
         "vertebra_points": vert[1],
         "vertebra_labels": vert[2],
     }
-    out = OCPCTargetsd(streams=[DISC, VERT], radius=radius, stride=stride)(data)
+    out = OCPCTargetsd(_codec([DISC, VERT], radius=radius, target_stride=stride))(data)
     return affine, disc, vert, out
 
 
@@ -126,8 +137,8 @@ def _round_trip_inputs(flip_rows: bool = False, stride: int = 1, radius: float =
 def test_round_trip_oblique_affine_both_streams(flip_rows):
     affine, disc, vert, out = _round_trip_inputs(flip_rows)
     np.testing.assert_allclose(out["disc_points_px"].numpy(), disc[0].numpy(), atol=1e-4)
-    parts = {"disc": _perfect_prediction(out, "disc"), "vertebra": _perfect_prediction(out, "vertebra")}
-    res = decode_keypoints(parts, [DISC, VERT], upsample=1, affine=affine)
+    output = _output(*_perfect_prediction(out, "disc"), *_perfect_prediction(out, "vertebra"))
+    res = _codec([DISC, VERT]).decode(output, affine)
     assert len(res) == 1 and set(res[0]) == {"disc", "vertebra"}
     _check(res[0]["disc"], DISC, disc[0], disc[1], disc[2], tol=0.01)
     _check(res[0]["vertebra"], VERT, vert[0], vert[1], vert[2], tol=0.01)
@@ -136,10 +147,9 @@ def test_round_trip_oblique_affine_both_streams(flip_rows):
     assert rows == sorted(rows, reverse=flip_rows)
 
 
-def test_round_trip_without_affine_orders_by_row_and_single_stream_form():
+def test_round_trip_without_affine_orders_by_row():
     _, disc, _, out = _round_trip_inputs(flip_rows=True)
-    logits, offsets = _perfect_prediction(out, "disc")
-    kps = decode_keypoints(logits, offsets, DISC, upsample=1)[0]["disc"]
+    kps = _codec([DISC]).decode(_output(*_perfect_prediction(out, "disc")))[0]["disc"]
     order = torch.argsort(disc[0][:, 1])
     _check(kps, DISC, disc[0][order], None, disc[2][order], tol=0.01)
     assert all(kp["mm"] is None for kp in kps)
@@ -152,15 +162,13 @@ def test_round_trip_full_output_tensor_and_batched_affines():
     output = torch.cat([dl, do, vl, vo], 1).repeat(2, 1, 1, 1)
     parts = split_output(output, {"disc": 3, "vertebra": 2})
     assert torch.equal(parts["vertebra"][1], vo.repeat(2, 1, 1, 1))
-    res = decode_keypoints(
-        output,
+    codec = _codec(
         {
             "disc": {"levels": DISC.levels, "classes": DISC.classes},
             "vertebra": {"levels": VERT.levels, "classes": VERT.classes},
-        },
-        upsample=1,
-        affine=torch.stack([affine, affine]),
+        }
     )
+    res = codec.decode(output, torch.stack([affine, affine]))
     assert len(res) == 2
     for r in res:
         _check(r["disc"], DISC, disc[0], disc[1], disc[2], tol=0.01)
@@ -170,12 +178,14 @@ def test_round_trip_full_output_tensor_and_batched_affines():
 def test_stride_four_targets_decode_to_image_grid():
     affine, disc, _, out = _round_trip_inputs(stride=4, radius=1.5)
     assert out["disc_heatmap"].shape == (3, 32, 32)
-    kps = decode_keypoints(*_perfect_prediction(out, "disc"), DISC, upsample=1, stride=4, radius=1.5, affine=affine)
+    kps = _codec([DISC], radius=1.5, target_stride=4, network_stride=4).decode(
+        _output(*_perfect_prediction(out, "disc")), affine
+    )
     _check(kps[0]["disc"], DISC, disc[0], disc[1], disc[2], tol=0.05)
 
 
 def test_network_like_stride_four_predictions_upsampled():
-    """Coarse (32 x 32) logits and offsets, as a stride-4 network would give, decoded with upsample=4."""
+    """Coarse (32 x 32) logits and offsets, as a stride-4 network would give, upsampled 4x by the codec."""
     affine, disc, _, _ = _round_trip_inputs()
     gt_xy, labels = disc[0], disc[2]
     n = 32
@@ -191,7 +201,9 @@ def test_network_like_stride_four_predictions_upsampled():
         logits[0, c][own & (d2[k] <= 2.0**2)] = 6.0
         offsets[0, 2 * c][own] = (gt_xy[k, 0] - cx).expand(n, n)[own]
         offsets[0, 2 * c + 1][own] = (gt_xy[k, 1] - cy).expand(n, n)[own]
-    kps = decode_keypoints(logits.float(), offsets.float(), DISC, upsample=4, affine=affine)[0]["disc"]
+    codec = _codec([DISC], network_stride=4)
+    assert codec.upsample == 4
+    kps = codec.decode(_output(logits, offsets).float(), affine)[0]["disc"]
     assert [kp["level"] for kp in kps] == list(DISC.levels)
     assert [kp["label"] for kp in kps] == labels.tolist()
     np.testing.assert_allclose([kp["xy"] for kp in kps], gt_xy.numpy(), atol=1.0)
@@ -202,10 +214,11 @@ def test_channels_last_output_decodes_like_nchw():
     torch.manual_seed(3)
     output = torch.randn(2, 9, 24, 20)
     output[:, :3] *= 4.0
-    nchw = decode_keypoints(output, DISC, upsample=4)
+    codec = _codec([DISC], network_stride=4)
+    nchw = codec.decode(output)
     strided = output.contiguous(memory_format=torch.channels_last)
     assert not strided.is_contiguous()
-    assert decode_keypoints(strided, DISC, upsample=4) == nchw
+    assert codec.decode(strided) == nchw
     assert sum(len(image["disc"]) for image in nchw) > 0
 
 
@@ -222,10 +235,12 @@ def test_class_probabilities_score_and_fewer_peaks():
         offsets[0, 2 * c][disk] = (10 - cols)[disk].float()
         offsets[0, 2 * c + 1][disk] = (7 - rows)[disk].float()
     logits = torch.logit(probs)
-    kps = decode_keypoints(logits, offsets, spec, upsample=1, radius=radius)[0]["disc"]
+    kps = _codec([spec], radius=radius).decode(_output(logits, offsets))[0]["disc"]
     assert len(kps) == 1  # one positive peak for five levels
     kp = kps[0]
-    assert kp["level"] == "a" and kp["label"] == 1 and kp["class_name"] == "d"
+    # a lone structure is anchored at the caudal end (the most caudal level), see the level tests
+    assert kp["level"] == "e" and kp["label"] == 1 and kp["class_name"] == "d"
+    assert kp["level_confidence"] == pytest.approx(min(1.0, kp["score"]))
     assert kp["probabilities"] == pytest.approx([1 / 3, 2 / 3], rel=1e-5)
     assert kp["score"] == pytest.approx(0.6 * 13 / (math.pi * radius**2), rel=1e-5)
     assert kp["xy"] == pytest.approx([10.0, 7.0], abs=1e-5)
@@ -238,18 +253,69 @@ def test_plateau_peak_counted_once():
     offsets = torch.zeros(1, 2, 12, 12)
     logits[0, 0, 5, 5] = 10.0
     offsets[0, 0, 5, 5] = 0.5
-    kps = decode_keypoints(logits, offsets, spec, upsample=1)[0]["disc"]
+    kps = _codec([spec]).decode(_output(logits, offsets))[0]["disc"]
     assert len(kps) == 1 and kps[0]["xy"] == pytest.approx([5.5, 5.0], abs=1e-4)
 
 
 def test_decode_argument_checks():
-    with pytest.raises(ValueError, match="3 heatmap"):
-        decode_keypoints(torch.zeros(1, 2, 8, 8), torch.zeros(1, 4, 8, 8), DISC)
-    with pytest.raises(ValueError, match="split dict"):
-        decode_keypoints(torch.zeros(1, 2, 8, 8), torch.zeros(1, 4, 8, 8), [DISC, VERT])
-    with pytest.raises(ValueError, match="lacks"):
-        decode_keypoints({"disc": (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8))}, [DISC, VERT])
+    with pytest.raises(ValueError, match="expected output of shape"):
+        _codec([DISC]).decode(torch.zeros(1, 6, 8, 8))
+    with pytest.raises(TypeError, match="single output tensor"):
+        _codec([DISC]).decode({"disc": (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8))})
     with pytest.raises(ValueError, match="affine"):
-        decode_keypoints(torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8), DISC, affine=torch.eye(3))
+        _codec([DISC]).decode(torch.zeros(1, 9, 8, 8), torch.eye(3))
     with pytest.raises(ValueError, match="nms_kernel"):
-        decode_keypoints(torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8), DISC, nms_kernel=2)
+        _codec([DISC], nms_kernel=2)
+    with pytest.raises(ValueError, match="network_stride"):
+        _codec([DISC], network_stride=0)
+
+
+def test_public_splat_agrees_with_the_private_kernel():
+    """The private ``aten.grid_sampler_2d_backward`` and the public ``index_add_`` splat give the same votes,
+    including votes landing partly or wholly outside the grid and non-finite offsets."""
+    torch.manual_seed(5)
+    p = torch.rand(3, 1, 17, 13, dtype=torch.float64)
+    off = torch.randn(3, 2, 17, 13, dtype=torch.float64) * 6.0
+    off[0, 0, 2, 3], off[1, 1, 4, 4], off[2, 0, 0, 0] = float("nan"), float("inf"), 1e9
+    public = splat_votes_public(p, off)
+    np.testing.assert_allclose(splat_votes(p, off).numpy(), public.numpy(), atol=1e-12)
+    np.testing.assert_allclose(public.sum().item(), _brute_total(p, off), rtol=1e-12)
+
+
+def _brute_total(p: torch.Tensor, off: torch.Tensor) -> float:
+    """Sum of the vote mass landing inside the grid, corner by corner (independent loop)."""
+    n, _, h, w = p.shape
+    total = 0.0
+    for b in range(n):
+        for r in range(h):
+            for c in range(w):
+                x, y = c + float(off[b, 0, r, c]), r + float(off[b, 1, r, c])
+                if not (math.isfinite(x) and math.isfinite(y)):
+                    continue
+                x0, y0 = math.floor(x), math.floor(y)
+                for cx, cy in ((x0, y0), (x0 + 1, y0), (x0, y0 + 1), (x0 + 1, y0 + 1)):
+                    wgt = (1 - abs(x - cx)) * (1 - abs(y - cy))
+                    if 0 <= cx < w and 0 <= cy < h:
+                        total += float(p[b, 0, r, c]) * wgt
+    return total
+
+
+@pytest.mark.parametrize("target_stride, network_stride", [(1, 1), (2, 2), (1, 4)])
+def test_codec_encode_then_decode_round_trip(target_stride, network_stride):
+    """``codec.decode`` of a perfect output built from ``codec.encode`` gives back every keypoint (mm, class, level),
+    on the codec's own grids: targets on the target grid, the output on the network grid."""
+    affine = _affine()
+    codec = _codec([DISC], radius=3.0, target_stride=target_stride, network_stride=network_stride)
+    xy = np.stack([60.0 + 2.0 * np.arange(6), 10.0 + 21.0 * np.arange(6)], 1)
+    _, mm, labels = _case(DISC, xy, [2, 0, 1, 1, 0, 2], affine)
+    t = codec.encode({"disc": mm}, {"disc": labels}, affine, (128, 128))
+    logits, offsets = torch.where(t["disc_heatmap"] > 0, 8.0, -8.0), t["disc_offset"]
+    if network_stride != target_stride:  # what the network would give: the targets on its coarser grid
+        scale = target_stride / network_stride
+        logits = F.interpolate(logits[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+        offsets = F.interpolate(offsets[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+    kps = codec.decode(torch.cat([logits, offsets])[None], affine)[0]["disc"]
+    assert [kp["level"] for kp in kps] == list(DISC.levels)
+    assert [kp["label"] for kp in kps] == labels.tolist()
+    tol = 0.05 if network_stride == target_stride else 1.5
+    np.testing.assert_allclose([kp["mm"] for kp in kps], mm.numpy(), atol=tol)

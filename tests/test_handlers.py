@@ -19,6 +19,7 @@ from bundle.losses import SpineOneLoss
 from bundle.outputs import KeypointsWriter, keypoints_to_pixels, read_rsna_prior
 from bundle.streams import RSNA_STREAMS
 from ignite.engine import Engine, Events
+from stream_fixtures import streams
 
 
 def _run_epochs(handler: ObjectiveAssociationHandler, max_epochs: int) -> list[bool]:
@@ -31,14 +32,14 @@ def _run_epochs(handler: ObjectiveAssociationHandler, max_epochs: int) -> list[b
 
 
 def test_oa_switches_on_at_fraction_of_epochs():
-    loss = SpineOneLoss({"disc": 3})
+    loss = SpineOneLoss(streams(disc=3))
     seen = _run_epochs(ObjectiveAssociationHandler(loss, start_fraction=0.75), max_epochs=8)
     # epochs 1..6 off (75% of 8 = 6 epochs done), 7 and 8 on
     assert seen == [False] * 6 + [True] * 2
 
 
 def test_oa_disabled_and_argument_checks():
-    loss = SpineOneLoss({"disc": 3})
+    loss = SpineOneLoss(streams(disc=3))
     assert _run_epochs(ObjectiveAssociationHandler(loss, start_fraction=0.0, enabled=False), 3) == [False] * 3
     assert _run_epochs(ObjectiveAssociationHandler(loss, start_fraction=0.0), 2) == [True, True]
     with pytest.raises(ValueError, match="start_fraction"):
@@ -157,9 +158,9 @@ def test_keypoint_metric_uses_in_plane_distance():
     ]
     metric = KeypointDetectionMetric({"disc": {"levels": spec.levels, "classes": spec.classes}})
     metric.reset()
-    image = MetaTensor(torch.zeros(1, 7, 8, 8), affine=torch.as_tensor(affine).unsqueeze(0))
-    batch = {"disc_points": torch.as_tensor(gt_off_plane)[None], "disc_labels": torch.as_tensor(labels)[None]}
-    metric.update((image, batch, [{"disc": predicted}]))
+    image = MetaTensor(torch.zeros(7, 8, 8), affine=torch.as_tensor(affine))
+    truth = {"disc_points": torch.as_tensor(gt_off_plane), "disc_labels": torch.as_tensor(labels)}
+    metric.update([{"image": image, "label": truth, "keypoints": {"disc": predicted}}])  # decollated evaluator output
     score = metric.compute()
     result = metric.results["disc"]
     assert result["pck"]["6"] == pytest.approx(4 / 5)  # level 3 is 20 mm off
@@ -236,7 +237,7 @@ def test_inference_optimizer_folds_batchnorm_after_loading():
     from bundle.networks import SpineOne
 
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=18).eval()
+    net = SpineOne(streams(disc=3), backbone_depth=18).eval()
     for module in net.modules():  # non-trivial running statistics, as after training
         if isinstance(module, torch.nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from bundle.losses import SpineOneLoss, oa_weights, total_loss
 from monai.data import MetaTensor
+from stream_fixtures import streams
 
 
 def _sig(x: float) -> float:
@@ -49,8 +50,8 @@ def test_focal_term_hand_computed():
     logits = torch.tensor([[LOGITS]])
     hm = torch.tensor([[HEAT]])
     zeros2 = torch.zeros(1, 2, 2, 2)
-    loss = SpineOneLoss({"disc": 1})
-    total, parts = loss(_pred_1class(logits, zeros2), _targets(hm, zeros2, zeros2))
+    loss = SpineOneLoss(streams(disc=1))
+    total, parts = loss.loss_parts(_pred_1class(logits, zeros2), _targets(hm, zeros2, zeros2))
     expected = _heat_loss(LOGITS)
     assert parts["disc_heatmap"].item() == pytest.approx(expected, rel=1e-5)
     assert parts["disc_offset"].item() == 0.0  # empty mask -> 0 / max(1, 0)
@@ -61,7 +62,7 @@ def test_focal_term_no_positive_normalises_by_one():
     logits = torch.tensor([[LOGITS]])
     zeros = torch.zeros(1, 1, 2, 2)
     zeros2 = torch.zeros(1, 2, 2, 2)
-    _, parts = SpineOneLoss({"disc": 1})(_pred_1class(logits, zeros2), _targets(zeros, zeros2, zeros2))
+    _, parts = SpineOneLoss(streams(disc=1)).loss_parts(_pred_1class(logits, zeros2), _targets(zeros, zeros2, zeros2))
     expected = sum(_focal(LOGITS[i][j], 0) for i in range(2) for j in range(2))
     assert parts["disc_heatmap"].item() == pytest.approx(expected, rel=1e-5)
 
@@ -71,7 +72,7 @@ def test_l1_term_hand_computed_with_mask():
     target = torch.tensor([[[[0.0, 2.5], [9.0, 1.0]], [[1.0, 0.5], [5.0, -2.0]]]])
     mask = torch.tensor([[[[1.0, 1.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]]])
     zeros = torch.zeros(1, 1, 2, 2)
-    _, parts = SpineOneLoss({"disc": 1})(_pred_1class(zeros, offsets), _targets(zeros, target, mask))
+    _, parts = SpineOneLoss(streams(disc=1)).loss_parts(_pred_1class(zeros, offsets), _targets(zeros, target, mask))
     # masked |diff|: 1, 0.5, 3 (dx) and 2, 4 (dy) -> 10.5 over 5 elements
     assert parts["disc_offset"].item() == pytest.approx(10.5 / 5)
 
@@ -79,9 +80,9 @@ def test_l1_term_hand_computed_with_mask():
 def test_upsampling_path_half_size_prediction():
     torch.manual_seed(0)
     pred = torch.randn(2, 9 + 6, 4, 4)
-    streams = {"disc": 3, "vertebra": 2}
+    counts = {"disc": 3, "vertebra": 2}
     targets = {}
-    for name, c in streams.items():
+    for name, c in counts.items():
         targets.update(
             _targets(
                 (torch.rand(2, c, 8, 8) > 0.8).float(),
@@ -90,44 +91,44 @@ def test_upsampling_path_half_size_prediction():
                 name,
             )
         )
-    loss = SpineOneLoss(streams)
-    total, parts = loss(pred, targets)
+    loss = SpineOneLoss(streams(**counts))
+    total, parts = loss.loss_parts(pred, targets)
     assert list(parts) == ["disc_heatmap", "disc_offset", "vertebra_heatmap", "vertebra_offset"]
     assert torch.allclose(total, sum(parts.values()))
     assert torch.allclose(total, total_loss(parts))
     # reference: upsample first, then the same loss on full-size predictions
     up = torch.nn.functional.interpolate(pred, size=(8, 8), mode="bilinear", align_corners=False)
-    total_up, parts_up = loss(up, targets)
+    total_up, parts_up = loss.loss_parts(up, targets)
     for k in parts:
         assert torch.allclose(parts[k], parts_up[k], atol=1e-6), k
     # a nearest-neighbour upsampling gives different values (bilinear is really used)
     near = torch.nn.functional.interpolate(pred, size=(8, 8), mode="nearest")
-    assert not torch.allclose(loss(near, targets)[0], total)
+    assert not torch.allclose(loss.loss_parts(near, targets)[0], total)
 
 
 def test_no_offset_loss_switch():
     torch.manual_seed(1)
     pred = torch.randn(1, 3, 4, 4)
     t = _targets((torch.rand(1, 1, 4, 4) > 0.5).float(), torch.randn(1, 2, 4, 4), torch.ones(1, 2, 4, 4))
-    total, parts = SpineOneLoss({"disc": 1}, use_offset_loss=False)(pred, t)
+    total, parts = SpineOneLoss(streams(disc=1), use_offset_loss=False).loss_parts(pred, t)
     assert parts["disc_offset"].item() == 0.0
     assert total.item() == pytest.approx(parts["disc_heatmap"].item())
 
 
 def test_target_validation():
-    loss = SpineOneLoss({"disc": 1})
+    loss = SpineOneLoss(streams(disc=1))
     partial = {"disc_heatmap": torch.zeros(1, 1, 2, 2), "disc_offset": torch.zeros(1, 2, 2, 2)}
     with pytest.raises(KeyError, match="disc_offset_mask"):
-        loss(torch.zeros(1, 3, 2, 2), partial)
+        loss.loss_parts(torch.zeros(1, 3, 2, 2), partial)
     bad = _targets(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match="disc_offset"):
-        loss(torch.zeros(1, 3, 2, 2), bad)
+        loss.loss_parts(torch.zeros(1, 3, 2, 2), bad)
 
 
 def test_oa_mode_validation():
     with pytest.raises(ValueError, match="oa_mode"):
-        SpineOneLoss({"disc": 1}, oa_mode="bogus")
-    loss = SpineOneLoss({"disc": 1})
+        SpineOneLoss(streams(disc=1), oa_mode="bogus")
+    loss = SpineOneLoss(streams(disc=1))
     loss.oa_mode = "weighted_error"
     assert loss.oa_mode == "weighted_error"
     with pytest.raises(ValueError, match="oa_mode"):
@@ -158,7 +159,7 @@ def test_oa_weights_hand_computed():
 def test_oa_gradient_matches_analytic_focal_gradient():
     logits = torch.tensor([[LOGITS]])
     hm = torch.tensor([[HEAT]])
-    loss = SpineOneLoss({"disc": 1})
+    loss = SpineOneLoss(streams(disc=1))
     g = loss.heatmap_gradient(logits, hm)
     grads = [[_focal_grad(LOGITS[i][j], int(HEAT[i][j])) / 2.0 for j in range(2)] for i in range(2)]
     expected = torch.tensor([[grads]])
@@ -194,19 +195,18 @@ def test_oa_offset_loss_hand_computed(mode):
         for i, j in ((0, 0), (1, 1)):
             o_hat, o = offsets[0, ch, i, j].item(), target[0, ch, i, j].item()
             err += abs(w[i][j] * o_hat - o) if mode == "paper" else w[i][j] * abs(o_hat - o)
-    loss = SpineOneLoss({"disc": 1}, oa_enabled=True, oa_mode=mode)
-    _, parts = loss(_pred_1class(logits, offsets), _targets(hm, target, mask))
+    loss = SpineOneLoss(streams(disc=1), oa_enabled=True, oa_mode=mode)
+    _, parts = loss.loss_parts(_pred_1class(logits, offsets), _targets(hm, target, mask))
     assert parts["disc_offset"].item() == pytest.approx(err / 4, rel=1e-5)
     # works without a graph (evaluation): same value under no_grad
     with torch.no_grad():
-        _, parts_ng = loss(_pred_1class(logits, offsets), _targets(hm, target, mask))
+        _, parts_ng = loss.loss_parts(_pred_1class(logits, offsets), _targets(hm, target, mask))
     assert parts_ng["disc_offset"].item() == pytest.approx(err / 4, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["paper", "weighted_error"])
 def test_oa_changes_only_offset_gradient(mode):
     torch.manual_seed(2)
-    streams = {"disc": 2}
     targets = _targets(
         (torch.rand(2, 2, 16, 16) > 0.8).float(),
         3 * torch.randn(2, 4, 16, 16),
@@ -216,7 +216,7 @@ def test_oa_changes_only_offset_gradient(mode):
     grads = {}
     for oa in (False, True):
         pred = base.clone().requires_grad_(True)
-        total, parts = SpineOneLoss(streams, oa_enabled=oa, oa_mode=mode)(pred, targets)
+        total, parts = SpineOneLoss(streams(disc=2), oa_enabled=oa, oa_mode=mode).loss_parts(pred, targets)
         total.backward()
         grads[oa] = pred.grad
         if oa:
@@ -229,10 +229,10 @@ def test_oa_switch_at_run_time():
     torch.manual_seed(3)
     pred = torch.randn(1, 3, 8, 8)
     t = _targets((torch.rand(1, 1, 8, 8) > 0.7).float(), 2 * torch.randn(1, 2, 8, 8), torch.ones(1, 2, 8, 8))
-    loss = SpineOneLoss({"disc": 1})
-    off = loss(pred, t)[1]["disc_offset"]
+    loss = SpineOneLoss(streams(disc=1))
+    off = loss.loss_parts(pred, t)[1]["disc_offset"]
     loss.oa_enabled = True
-    on = loss(pred, t)[1]["disc_offset"]
+    on = loss.loss_parts(pred, t)[1]["disc_offset"]
     assert not torch.allclose(off, on)
 
 
@@ -241,7 +241,22 @@ def test_metatensor_inputs_give_plain_tensors_and_gradients():
     pred = MetaTensor(torch.randn(1, 3, 4, 4)).requires_grad_(True)
     plain = _targets(torch.ones(1, 1, 8, 8), torch.ones(1, 2, 8, 8), torch.ones(1, 2, 8, 8))
     t = {k: MetaTensor(v) for k, v in plain.items()}
-    total, parts = SpineOneLoss({"disc": 1}, oa_enabled=True)(pred, t)
+    total, parts = SpineOneLoss(streams(disc=1), oa_enabled=True).loss_parts(pred, t)
     assert type(total) is torch.Tensor and all(type(v) is torch.Tensor for v in parts.values())
     total.backward()
     assert pred.grad is not None and pred.grad.abs().sum() > 0
+
+
+def test_forward_returns_the_total_and_keeps_the_parts_for_logging():
+    """MONAI's trainer takes ``loss_function(pred, targets)`` as one tensor; the parts are logged from ``logged_parts``."""
+    torch.manual_seed(3)
+    loss = SpineOneLoss(streams(disc=1))
+    pred = torch.randn(2, 3, 4, 4)
+    t = _targets((torch.rand(2, 1, 8, 8) > 0.7).float(), torch.randn(2, 2, 8, 8), torch.ones(2, 2, 8, 8))
+    total = loss(pred, t)
+    ref_total, ref_parts = loss.loss_parts(pred, t)
+    assert total.ndim == 0 and torch.equal(total, ref_total)
+    logged = loss.logged_parts()
+    assert set(logged) == {"disc_heatmap", "disc_offset", "total"}
+    assert logged["total"] == pytest.approx(float(ref_total))
+    assert logged["disc_offset"] == pytest.approx(float(ref_parts["disc_offset"]))

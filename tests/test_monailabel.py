@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from bundle.decoding import decode_keypoints
+from bundle.codec import OCPCCodec
 from bundle.monailabel import KeypointsToLabeld, label_values
-from bundle.streams import split_output
+from bundle.transforms import KeypointsDecoded
 from monai.data import MetaTensor
+from monai.transforms import Compose
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 STREAMS = {
@@ -74,18 +76,14 @@ def test_keypoints_to_label_maps_to_original_grid():
         },
     )
     pred = _peaked_output([(3, 5, 0), (9, 6, 2)])
-    post = KeypointsToLabeld("pred", STREAMS, radius=2.0, disk_mm=3.0)
-    expected = decode_keypoints(
-        split_output(pred.clone()[None], {"disc": 3}),
-        STREAMS,
-        radius=2.0,
-        upsample=4.0,
-        affine=torch.as_tensor(pre_affine)[None],
-    )[0]["disc"]
+    codec = OCPCCodec(STREAMS, radius=2.0, target_stride=1, network_stride=4)
+    post = Compose([KeypointsDecoded(codec), KeypointsToLabeld("pred", codec.streams, disk_mm=3.0)])  # inference.json
+    expected = codec.decode(pred.clone()[None], torch.as_tensor(pre_affine))[0]["disc"]
     out = post({"image": image, "pred": pred})
     points = out["result"]["keypoints"]
     assert len(points) == len(expected) >= 2
     assert [p["level"] for p in points] == [e["level"] for e in expected]
+    assert [p["level_confidence"] for p in points] == [e["level_confidence"] for e in expected]
     assert [p["label_index"] for p in points] == [e["label"] for e in expected]
     for p, e in zip(points, expected):
         # 2 mm preprocessed pixels -> 1 mm original pixels: coordinates double, mm unchanged
@@ -99,9 +97,10 @@ def test_keypoints_to_label_maps_to_original_grid():
     assert tuple(label.shape) == (1, 100, 120, 1) and label.dtype == torch.uint8
     lab = label[0, :, :, 0].numpy()
     assert set(np.unique(lab)) == {0} | {p["value"] for p in points}
-    for p, value in zip(points, range(1, 6)):
-        assert p["value"] == value == label_values(STREAMS)[f"disc/{p['level']}"]
-        assert lab[round(p["y"]), round(p["x"])] == value
+    assert [p["level"] for p in points] == ["L4/L5", "L5/S1"]  # two discs: named from the caudal end
+    for p in points:
+        assert p["value"] == label_values(STREAMS)[f"disc/{p['level']}"]
+        assert lab[round(p["y"]), round(p["x"])] == p["value"]
     if len(points) == 2:  # disjoint disks of 3 mm radius at 1 mm spacing: about pi * 9 pixels each
         assert all(20 <= (lab == p["value"]).sum() <= 37 for p in points)
     np.testing.assert_allclose(label.affine.numpy(), LPS_TO_RAS @ orig_affine)
@@ -117,10 +116,13 @@ def test_keypoints_to_label_rejects_bad_input():
         KeypointsToLabeld("pred")
     post = KeypointsToLabeld("pred", STREAMS)
     with pytest.raises(TypeError, match="MetaTensor"):
-        post({"image": torch.zeros(7, 8, 8), "pred": torch.zeros(9, 2, 2)})
+        post({"image": torch.zeros(7, 8, 8), "pred": torch.zeros(9, 2, 2), "keypoints": {}})
     image = MetaTensor(torch.zeros(7, 8, 8), meta={"original_affine": np.eye(4), "spatial_shape": np.array([8, 8])})
-    with pytest.raises(ValueError, match="without batch"):
-        post({"image": image, "pred": torch.zeros(1, 9, 2, 2)})
+    with pytest.raises(KeyError, match="KeypointsDecoded"):
+        post({"image": image, "pred": torch.zeros(9, 2, 2)})
+    decode = KeypointsDecoded(OCPCCodec(STREAMS, network_stride=4))
+    with pytest.raises(ValueError, match="one item"):
+        decode({"image": image, "pred": torch.zeros(1, 9, 2, 2)})
 
 
 # ---------------------------------------------------------------- MONAI Label server (opt-in)
@@ -167,7 +169,7 @@ def _random_weights(path: Path, depth: int) -> None:
     from bundle import SpineOne
 
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=depth, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
+    net = SpineOne(streams(disc=3), backbone_depth=depth, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 

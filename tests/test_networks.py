@@ -25,6 +25,7 @@ from bundle.networks import (
 )
 from bundle.networks import deeplab as deeplab_module
 from bundle.streams import split_output
+from stream_fixtures import streams
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,7 +262,7 @@ def test_pretrained_adapts_first_conv_with_fake_state_dict(monkeypatch):
         return {k: v.clone() for k, v in fake.items()}
 
     monkeypatch.setattr(deeplab_module, "imagenet_state_dict", fake_state_dict)
-    net = SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, pretrained=True)
+    net = SpineOne(streams(disc=3), backbone_depth=18, in_channels=7, pretrained=True)
     assert calls == [18]
     conv1 = net.backbone.conv1.weight
     assert tuple(conv1.shape) == (64, 7, 7, 7)
@@ -281,7 +282,7 @@ def test_pretrained_offline_gives_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(socket, "getaddrinfo", no_network)  # offline even where the machine has network
     with pytest.raises(RuntimeError) as info:
-        SpineOne({"disc": 3}, backbone_depth=18, pretrained=True)
+        SpineOne(streams(disc=3), backbone_depth=18, pretrained=True)
     message = str(info.value)
     assert "could not download" in message
     assert str(tmp_path / "hub" / "checkpoints") in message
@@ -293,7 +294,7 @@ def test_pretrained_offline_gives_clear_error(monkeypatch, tmp_path):
 
 
 def test_spineone_shapes_and_attributes():
-    net = SpineOne({"disc": 2, "vertebra": 2}, backbone_depth=18).eval()
+    net = SpineOne(streams(disc=2, vertebra=2), backbone_depth=18).eval()
     assert net.streams == {"disc": 2, "vertebra": 2} and list(net.streams) == ["disc", "vertebra"]
     assert net.out_channels == 12
     with torch.no_grad():
@@ -305,13 +306,13 @@ def test_spineone_shapes_and_attributes():
 
 
 def test_spineone_r50_parameter_count():
-    net = SpineOne({"disc": 2, "vertebra": 2}, backbone_depth=50)
+    net = SpineOne(streams(disc=2, vertebra=2), backbone_depth=50)
     assert 38e6 < _n_params(net) < 44e6
 
 
 def test_output_layout_per_stream():
     """Zero the head weights and give biases known values: each channel of the output names its source."""
-    net = SpineOne({"disc": 3, "vertebra": 2}, backbone_depth=18).eval()
+    net = SpineOne(streams(disc=3, vertebra=2), backbone_depth=18).eval()
     prior_bias = -math.log((1 - 0.01) / 0.01)
     with torch.no_grad():
         for s, head in enumerate(net.heads):
@@ -351,7 +352,7 @@ def test_stream_head_attention_options():
 
 
 def test_spineone_input_and_argument_checks():
-    net = SpineOne({"disc": 3}, backbone_depth=18)
+    net = SpineOne(streams(disc=3), backbone_depth=18)
     with pytest.raises(ValueError, match="batch of at least 2"):
         net(torch.randn(1, 7, 64, 64))
     assert tuple(net(torch.randn(2, 7, 64, 64)).shape) == (2, 9, 16, 16)  # training mode, batch 2
@@ -360,17 +361,17 @@ def test_spineone_input_and_argument_checks():
         net(torch.randn(1, 7, 40, 64))
     with pytest.raises(ValueError, match="expects input"):
         net(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match="non-empty mapping"):
+    with pytest.raises(ValueError, match="at least one stream"):
         SpineOne({}, backbone_depth=18)
-    with pytest.raises(ValueError, match="positive int"):
-        SpineOne({"disc": 0}, backbone_depth=18)
+    with pytest.raises(ValueError, match="levels"):  # streams have one meaning: {name: {levels, classes}}
+        SpineOne({"disc": 3}, backbone_depth=18)
     with pytest.raises(ValueError, match="depth"):
-        SpineOne({"disc": 3}, backbone_depth=42)
+        SpineOne(streams(disc=3), backbone_depth=42)
 
 
 def test_scripted_equals_eager():
     torch.manual_seed(0)
-    net = SpineOne({"disc": 2, "vertebra": 2}, backbone_depth=18)
+    net = SpineOne(streams(disc=2, vertebra=2), backbone_depth=18)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, (PositionAttention, ChannelAttention)):

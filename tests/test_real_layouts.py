@@ -30,6 +30,7 @@ from bundle.workflow import inference_datalist, load_datalist
 from ignite.engine import Engine
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Compose, NormalizeIntensityd, ResizeWithPadOrCropd
+from stream_fixtures import streams
 
 
 def _constant_loss(labels: np.ndarray, p: np.ndarray) -> float:
@@ -209,17 +210,24 @@ def test_keypoint_metric_counts_a_skipped_study_as_all_missed():
     gt = np.array([[10.0 * i, 20.0, 0.0] for i in range(5)])
     labels = np.array([0, 1, 2, 0, 1])
     perfect = [{"level_index": i, "mm": gt[i], "label": int(labels[i])} for i in range(5)]
-    image = MetaTensor(torch.zeros(2, 3, 8, 8), affine=torch.eye(4, dtype=torch.float64))
+    image = MetaTensor(torch.zeros(3, 8, 8), affine=torch.eye(4, dtype=torch.float64))
     unlocated = gt.copy()
     unlocated[3:] = np.nan  # skipped before these levels' points could be located (labels known)
-    batch = {
-        "disc_points": torch.as_tensor(np.stack([gt, unlocated])),
-        "disc_labels": torch.as_tensor(np.stack([labels, labels])),
-        SKIPPED_KEY: ["", "x.dcm: cannot decode pixel data"],
-    }
+    output = [  # decollated evaluator output; the skipped study's keypoints are junk
+        {
+            "image": image,
+            "keypoints": {"disc": perfect},
+            "label": {
+                "disc_points": torch.as_tensor(points),
+                "disc_labels": torch.as_tensor(labels),
+                SKIPPED_KEY: reason,
+            },
+        }
+        for points, reason in ((gt, ""), (unlocated, "x.dcm: cannot decode pixel data"))
+    ]
     metric = KeypointDetectionMetric(RSNA_STREAMS)
     metric.reset()
-    metric.update((image, batch, [{"disc": perfect}, {"disc": perfect}]))  # the skipped one's output is junk
+    metric.update(output)
     metric.compute()
     result = metric.results["disc"]
     assert result["pck"]["6"] == pytest.approx(0.5)
@@ -230,11 +238,10 @@ def test_keypoint_metric_counts_a_skipped_study_as_all_missed():
 def test_keypoints_writer_gives_a_skipped_study_the_constant_rows(tmp_path):
     writer = KeypointsWriter(tmp_path, RSNA_STREAMS, dataset_format="rsna", overlay=False)
     engine = Engine(lambda e, b: None)
-    image = MetaTensor(torch.zeros(1, 3, 8, 8))
-    engine.state.output = {
-        "batch": {"image": image, "study_id": ["4294967296123"], SKIPPED_KEY: ["no sagittal T2 series found"]},
-        "keypoints": [{"disc": []}],
-    }
+    image = MetaTensor(torch.zeros(3, 8, 8))
+    # the evaluator's decollated batch and output
+    engine.state.batch = [{"image": image, "study_id": "4294967296123", SKIPPED_KEY: "no sagittal T2 series found"}]
+    engine.state.output = [{"keypoints": {"disc": []}}]
     writer.write_iteration(engine)
     writer.write_submission(engine)
     with open(tmp_path / "submission.csv", newline="") as f:
@@ -258,7 +265,7 @@ TINY = {
     "--input_size": "64",
     "--batch_size": "2",
     "--num_workers": "0",
-    "--radius": "2.0",
+    "--codec#radius": "2.0",
 }
 
 
@@ -362,7 +369,7 @@ def _random_rsna_model(path: Path) -> None:
     from bundle.networks import SpineOne
 
     torch.manual_seed(0)
-    net = SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pretrained=False)
+    net = SpineOne(streams(disc=3), backbone_depth=18, in_channels=7, attention=["pam", "cam"], pretrained=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
 

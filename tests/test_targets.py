@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from bundle.codec import encode_ocpc, image_to_target, mm_to_pixels, pixels_to_mm, target_to_image
+from bundle.codec import OCPCCodec, encode_ocpc, image_to_target, mm_to_pixels, pixels_to_mm, target_to_image
 from bundle.errors import BundleInputError
 from bundle.streams import StreamSpec
-from bundle.targets import KeypointsToArraysd, OCPCTargetsd
+from bundle.transforms import KeypointsToArraysd, OCPCTargetsd
 from monai.data import MetaTensor, list_data_collate
 from monai.transforms import Flipd
 
@@ -27,8 +27,12 @@ def _mm_identity(points_xy) -> torch.Tensor:
     return torch.tensor([[NAN] * 3 if p is None else [p[1], p[0], 0.0] for p in points_xy], dtype=torch.float64)
 
 
+def _targetsd(streams, radius: float = 6.0, stride: int = 1) -> OCPCTargetsd:
+    return OCPCTargetsd(OCPCCodec(streams, radius=radius, target_stride=stride, network_stride=4))
+
+
 def _targets(points_xy, labels, h=9, w=11, radius=2.0, stride=1, spec=SPEC):
-    t = OCPCTargetsd(streams=[spec], radius=radius, stride=stride)
+    t = _targetsd([spec], radius=radius, stride=stride)
     data = {"image": _image(h, w), "disc_points": _mm_identity(points_xy), "disc_labels": torch.tensor(labels)}
     return t(data)
 
@@ -127,7 +131,7 @@ def test_mm_to_grid_with_oblique_affine():
     normal = aff[:3, 2].numpy()
     mm[1] += 0.37 * normal  # off the plane: the out-of-plane index is ignored
     spec = StreamSpec("disc", ("a", "b", "c"), ("n", "d"))
-    t = OCPCTargetsd(streams=[spec], radius=1.5)
+    t = _targetsd([spec], radius=1.5)
     out = t({"image": _image(h, w, aff), "disc_points": torch.tensor(mm), "disc_labels": torch.tensor([0, 1, 1])})
     np.testing.assert_allclose(out["disc_points_px"].numpy(), xy, atol=1e-4)
     hm = out["disc_heatmap"]
@@ -143,7 +147,7 @@ def test_points_follow_a_monai_flip():
     img[0, 7, 5] = 1.0
     mm = pixels_to_mm(torch.tensor([[5.0, 7.0]]), aff)
     data = Flipd("image", spatial_axis=1)({"image": img, "disc_points": mm, "disc_labels": torch.tensor([1])})
-    out = OCPCTargetsd(streams=[spec], radius=1.0)(data)
+    out = _targetsd([spec], radius=1.0)(data)
     bright = out["image"][0].nonzero().tolist()
     assert bright == [[7, 18]]
     assert out["disc_points_px"][0].tolist() == pytest.approx([18.0, 7.0], abs=1e-4)
@@ -170,7 +174,7 @@ def test_keypoints_to_arrays_and_collate():
     assert p[0].tolist() == [1, 2, 3] and torch.isnan(p[1]).all() and lab.tolist() == [1, 0, -1]
     assert torch.isnan(out["vertebra_points"]).all() and out["vertebra_labels"].tolist() == [-1]
     # the whole chain collates into a batch
-    pipe = OCPCTargetsd(streams=streams, radius=2.0)
+    pipe = _targetsd(streams, radius=2.0)
     batch = [pipe({**t(item), "image": _image(16, 16)}) for _ in range(2)]
     coll = list_data_collate(batch)
     assert coll["disc_heatmap"].shape == (2, 2, 16, 16) and coll["disc_points_px"].shape == (2, 3, 2)
@@ -192,10 +196,12 @@ def test_keypoints_to_arrays_errors_name_the_stream():
 
 def test_targets_argument_checks():
     with pytest.raises(ValueError, match="radius"):
-        OCPCTargetsd(streams=[SPEC], radius=0)
+        _targetsd([SPEC], radius=0)
     with pytest.raises(ValueError, match="stride"):
-        OCPCTargetsd(streams=[SPEC], stride=0)
-    t = OCPCTargetsd(streams=[SPEC])
+        _targetsd([SPEC], stride=0)
+    with pytest.raises(TypeError, match="OCPCCodec"):
+        OCPCTargetsd([SPEC])
+    t = _targetsd([SPEC])
     with pytest.raises(ValueError, match="MetaTensor"):
         t({"image": torch.zeros(1, 4, 4), "disc_points": torch.zeros(3, 3), "disc_labels": torch.zeros(3)})
     with pytest.raises(KeyError, match="disc_points"):

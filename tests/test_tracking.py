@@ -27,7 +27,7 @@ def test_mlflow_tracking_settings_log_every_loss_part():
     settings = json.loads((ROOT / "configs" / "mlflow_tracking.json").read_text())
     trainer = settings["configs"]["trainer"]
     assert trainer["_target_"] == "MLFlowHandler"
-    assert trainer["output_transform"] == "$monai.handlers.from_engine(['losses'], first=True)"
+    assert trainer["output_transform"] == "$@loss.logged_parts"  # every part of SpineOneLoss and the total
     assert settings["handlers_id"]["trainer"] == {"id": "train#trainer", "handlers": "train#handlers"}
     assert "sqlite" in settings["configs"]["tracking_uri"]  # MLflow 3.13+ refuses the plain file store
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+from stream_fixtures import streams
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -74,7 +75,7 @@ def test_verify_net_in_out_one_tensor_with_metadata_channels(tmp_path):
 
 def test_ckpt_export_torchscript_matches_eager(tmp_path):
     torch.manual_seed(0)
-    net = bundle.SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
+    net = bundle.SpineOne(streams(disc=3), backbone_depth=18, in_channels=7, attention=["pam", "cam"], pam_impl="fused")
     torch.save(net.state_dict(), tmp_path / "model.pt")
     cmd = [
         sys.executable,
@@ -234,14 +235,17 @@ def test_packaged_demo_copy_serves_as_it_is(tmp_path):
     _packager().package(ROOT, src, no_weights=True)  # whatever weights the repository's models/ holds
     torch.manual_seed(0)
     demo = json.loads((ROOT / "configs" / "demo.json").read_text())
-    net = bundle.SpineOne({"disc": 3}, backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"])
+    net = bundle.SpineOne(
+        streams(disc=3), backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"]
+    )
     (src / "models" / "demo").mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), src / "models" / "demo" / "model.pt")
     out = tmp_path / "served"
     _packager().package(src, out, demo=True)
     served = json.loads((out / "configs" / "inference.json").read_text())
-    for key in ("backbone_depth", "pixdim", "input_size", "radius"):
+    for key in ("backbone_depth", "pixdim", "input_size"):
         assert served[key] == demo[key], key
+    assert served["codec"]["radius"] == demo["codec#radius"]
     workflow = ConfigWorkflow(
         workflow_type="infer",
         config_file=str(out / "configs" / "inference.json"),
@@ -371,7 +375,7 @@ def test_packaged_copy_passes_verify_bundle_checks_offline(tmp_path, meta_schema
     config["backbone_depth"] = 18  # a small network, as a copy for a demo-sized model would configure it
     (src / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
     torch.manual_seed(0)
-    net = bundle.SpineOne({"disc": 3}, backbone_depth=18, in_channels=7, attention=["pam", "cam"])
+    net = bundle.SpineOne(streams(disc=3), backbone_depth=18, in_channels=7, attention=["pam", "cam"])
     (src / "models").mkdir(exist_ok=True)
     torch.save(net.state_dict(), src / "models" / "model.pt")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from bundle.codec import pixels_to_mm_np
 from bundle.errors import BundleInputError, MissingInputError
 from bundle.io.pixels import read_header
 from pydicom.dataset import Dataset
@@ -91,10 +92,10 @@ def plane_name(normal: np.ndarray) -> str:
 def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
     """Patient mm (3,) of the pixel (x = column, y = row) of ``header``'s image.
 
-    ``p = IPP + x * PS[1] * IOP[0:3] + y * PS[0] * IOP[3:6]``.
+    ``p = IPP + x * PS[1] * IOP[0:3] + y * PS[0] * IOP[3:6]``: the codec's geometry (``bundle.codec``) on the
+    slice's affine (:func:`series_affine`).
     """
-    iop = header.orientation
-    return header.position + x * header.pixel_spacing[1] * iop[:3] + y * header.pixel_spacing[0] * iop[3:]
+    return pixels_to_mm_np([[float(x), float(y)]], series_affine(header, 1.0))[0]
 
 
 def _checked_path(path: str | os.PathLike | None, what: str) -> Path:

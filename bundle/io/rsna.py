@@ -18,28 +18,20 @@ from bundle.errors import BundleInputError
 from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.io.series_selection import RSNA_SAGITTAL_T2
+from bundle.rsna_labels import CONDITION_NAMES as RSNA_CONDITIONS
+from bundle.rsna_labels import LEVELS as RSNA_LEVELS
+from bundle.rsna_labels import SEVERITIES, snake
 from bundle.skipping import skipped_item
-from bundle.streams import RSNA_LEVELS, RSNA_STREAMS
+from bundle.streams import RSNA_STREAMS
 
 __all__ = ["build_rsna_datalist", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
 
 logger = logging.getLogger(__name__)
 
-RSNA_CONDITIONS = (
-    "Spinal Canal Stenosis",
-    "Left Neural Foraminal Narrowing",
-    "Right Neural Foraminal Narrowing",
-    "Left Subarticular Stenosis",
-    "Right Subarticular Stenosis",
-)
-RSNA_SEVERITY_CLASSES = {"normal/mild": 0, "moderate": 1, "severe": 2}
-_SPINAL = "Spinal Canal Stenosis"
+RSNA_SEVERITY_CLASSES = {s.lower(): i for i, s in enumerate(SEVERITIES)}
+_SPINAL = RSNA_CONDITIONS[0]
 _CONDITION_KEYS = {c.lower(): c for c in RSNA_CONDITIONS}
 _LEVEL_KEYS = {lv.lower(): lv for lv in RSNA_LEVELS}
-
-
-def _snake(text: str) -> str:
-    return text.lower().replace(" ", "_").replace("/", "_")
 
 
 def _rows(path: Path, required: set[str]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -71,7 +63,7 @@ def _read_series(path: Path) -> dict[str, list[tuple[str, str]]]:
 
 def _read_labels(path: Path) -> dict[str, list[int]]:
     """study_id -> spinal canal stenosis class per level (-1 for an empty cell)."""
-    columns = [f"spinal_canal_stenosis_{_snake(level)}" for level in RSNA_LEVELS]
+    columns = [f"{snake(_SPINAL)}_{snake(level)}" for level in RSNA_LEVELS]
     labels: dict[str, list[int]] = {}
     for line, row in _rows(path, {"study_id", *columns}):
         values = []
@@ -84,7 +76,7 @@ def _read_labels(path: Path) -> dict[str, list[int]]:
             else:
                 raise BundleInputError(
                     f"{path}, row {line}: unknown severity {cell!r} in column {column}; "
-                    "expected Normal/Mild, Moderate, Severe or empty"
+                    f"expected {', '.join(SEVERITIES)} or empty"
                 )
         labels[row["study_id"]] = values
     return labels

@@ -11,7 +11,7 @@ from .deeplab import (
     imagenet_state_dict,
 )
 from .fusion import fuse_for_inference
-from .spineone import ATTENTION_MODULES, HEATMAP_PRIOR, SpineOne, StreamHead
+from .spineone import ATTENTION_MODULES, HEATMAP_PRIOR, OUTPUT_STRIDE, SpineOne, StreamHead
 
 __all__ = [
     "ASPP",
@@ -19,6 +19,7 @@ __all__ = [
     "ChannelAttention",
     "DeepLabV3PlusDecoder",
     "HEATMAP_PRIOR",
+    "OUTPUT_STRIDE",
     "PAM_IMPLS",
     "PositionAttention",
     "RESNET_DEPTHS",

@@ -8,13 +8,12 @@ separates them.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 
-from ..streams import split_output, stream_channels
+from ..streams import StreamSpec, class_counts, split_output, stream_channels
 from .attention import ChannelAttention, PositionAttention
 from .deeplab import ASPP, DeepLabV3PlusDecoder, build_resnet_backbone
 
@@ -93,7 +92,8 @@ class SpineOne(nn.Module):
     """SpineOne: DeepLabv3+ (ResNet backbone, output stride 16, 64-channel stride-4 features) + stream heads.
 
     Args:
-        streams: ordered mapping stream name -> class count C, e.g. ``{"disc": 2, "vertebra": 2}``.
+        streams: the codec's streams (``"@codec"``, StreamSpecs or ``{name: {levels, classes}}``);
+            each stream with C classes gets a head of 3C output channels.
         backbone_depth: ResNet depth, 18, 34, 50 or 101.
         in_channels: input channels (7 slices of the 2.5D input).
         attention: DANet modules in each stream head, a subset of ``("pam", "cam")``; empty for none.
@@ -106,7 +106,7 @@ class SpineOne(nn.Module):
     ``(dx_0, dy_0, ...)``. ``split(output)`` gives ``{stream: (logits, offsets)}``.
 
     Example:
-        >>> net = SpineOne({"disc": 3}, backbone_depth=18).eval()
+        >>> net = SpineOne([StreamSpec("disc", ("L4/L5", "L5/S1"), ("a", "b", "c"))], backbone_depth=18).eval()
         >>> out = net(torch.zeros(1, 7, 64, 64))
         >>> out.shape, net.split(out)["disc"][1].shape
         (torch.Size([1, 9, 16, 16]), torch.Size([1, 6, 16, 16]))
@@ -114,7 +114,7 @@ class SpineOne(nn.Module):
 
     def __init__(
         self,
-        streams: Mapping[str, int],
+        streams: Mapping[str, Mapping] | Sequence[StreamSpec],
         backbone_depth: int = 50,
         in_channels: int = 7,
         attention: Sequence[str] | None = ATTENTION_MODULES,
@@ -122,16 +122,7 @@ class SpineOne(nn.Module):
         pretrained: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(streams, Mapping) or len(streams) == 0:
-            raise ValueError(f"streams must be a non-empty mapping name -> class count, got {streams!r}")
-        counts: dict[str, int] = {}
-        for name, count in streams.items():
-            if not isinstance(name, str) or not name:
-                raise ValueError(f"stream names must be non-empty strings, got {name!r}")
-            if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 1:
-                raise ValueError(f"stream {name!r}: class count must be a positive int, got {count!r}")
-            counts[name] = int(count)
-        self.streams = counts
+        self.streams = class_counts(streams)
         self.input_multiple = INPUT_MULTIPLE
         self.out_channels = stream_channels(self.streams)
         self.in_channels = int(in_channels)

@@ -14,18 +14,13 @@ import pydicom
 from bundle.errors import BundleInputError
 from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
 from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
-from bundle.streams import RSNA_LEVELS
+from bundle.rsna_labels import CONDITION_NAMES
+from bundle.rsna_labels import CONDITIONS as RSNA_CONDITIONS
+from bundle.rsna_labels import LEVEL_KEYS as _RSNA_LEVEL_KEYS
+from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 
 __all__ = ["RSNA_CONDITIONS", "generate_phantoms", "planned_files"]
 
-RSNA_CONDITIONS = (
-    "spinal_canal_stenosis",
-    "left_neural_foraminal_narrowing",
-    "right_neural_foraminal_narrowing",
-    "left_subarticular_stenosis",
-    "right_subarticular_stenosis",
-)
-_RSNA_LEVEL_KEYS = tuple(lv.lower().replace("/", "_") for lv in RSNA_LEVELS)  # l1_l2 .. l5_s1
 _RSNA_TABLES = ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv")
 _TOP = {"rsna": set(_RSNA_TABLES) | {"train_images"}, "tianchi": {"lumbar_train", "lumbar_train_annotation.json"}}
 _IMAGES = {"rsna": "train_images", "tianchi": "lumbar_train"}
@@ -128,7 +123,7 @@ def _write_rsna_tables(studies: Sequence[PhantomStudy], out: Path) -> None:
                     st.study_id,
                     sag.series_id,
                     p["instance_number"],
-                    "Spinal Canal Stenosis",
+                    CONDITION_NAMES[0],  # Spinal Canal Stenosis
                     p["level"],
                     f"{p['x']:.2f}",
                     f"{p['y']:.2f}",

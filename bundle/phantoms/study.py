@@ -8,19 +8,20 @@ from :meth:`PhantomStudy.pixels`. The same objects drive the file layouts and se
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
-from bundle.phantoms.anatomy import Spine, check_class_frequencies, sample_spine
+from bundle.phantoms.anatomy import BODY_NAMES, Spine, check_class_frequencies, sample_spine
 from bundle.phantoms.geometry import SeriesGeometry, sample_axial, sample_sagittal
 from bundle.phantoms.render import render_series
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
 from pydicom.uid import generate_uid
 
-__all__ = ["PHI_MARKER", "LAYOUTS", "PhantomSeries", "PhantomStudy", "phantom_study"]
+__all__ = ["PHI_MARKER", "LAYOUTS", "FOV_TOPS", "PhantomSeries", "PhantomStudy", "phantom_study", "fov_top_s"]
 
 PHI_MARKER = "XPHIX"  # in PatientName, PatientID and InstitutionName of every phantom file
 LAYOUTS = ("rsna", "tianchi")
+FOV_TOPS = ("T9", "T10", "T11", "T12", "L1")  # where the top of a lumbar sagittal field of view may lie
 _ID_STRIDE = 1_000_003  # ids = 10^7 + running number + stride * random: unique, and some above 2**31
 _TIANCHI_T2 = ("T2_SAG", "SAG T2 FSE", "t2_tse_sag")
 _TIANCHI_T1 = ("T1_SAG", "SAG T1 FSE")
@@ -155,6 +156,24 @@ def _instance_numbers(rng: np.random.Generator, n: int, kind: str) -> tuple[int,
     return tuple(int(v) for v in order)
 
 
+def fov_top_s(spine: Spine, body: str) -> float:
+    """Arc length ``s`` (mm) of the cranial endplate of vertebral ``body`` (T9 lies one T10 height above T10)."""
+    if body not in FOV_TOPS:
+        raise ValueError(f"fov_top must be one of {FOV_TOPS}, got {body!r}")
+    if body == "T9":  # not modelled: its cranial endplate is one T10 body and one T9-T10 disc above T10's
+        return float(spine.body_s[0] - 3.0 * spine.body_half[0] - 2.0 * spine.disc_half[0])
+    k = BODY_NAMES.index(body)
+    return float(spine.body_s[k] - spine.body_half[k])
+
+
+def _fov_from_top(geom: SeriesGeometry, spine: Spine, top_s: float) -> SeriesGeometry:
+    """Shift a sagittal geometry along its rows so that its top edge passes through the centreline at ``top_s``."""
+    m = (geom.num_slices - 1) // 2
+    _, row, _ = geom.to_pixel(spine.point(top_s), m)
+    shift = (row + 0.5) * geom.pixel_spacing[0] * geom.row_dir
+    return replace(geom, positions=np.round(geom.positions + shift[None, :], 4))
+
+
 def phantom_study(
     seed: int,
     index: int,
@@ -163,6 +182,7 @@ def phantom_study(
     min_size: int = 256,
     max_size: int = 512,
     class_frequencies: Mapping[str, Sequence[float]] | None = None,
+    fov_top: str | None = None,
 ) -> PhantomStudy:
     """Describe study ``index`` of the phantom set ``seed`` (deterministic; renders nothing).
 
@@ -173,6 +193,9 @@ def phantom_study(
         min_size, max_size: range of Rows/Columns in pixels (sagittal pixel spacing is 0.4-0.9 mm when
             the size allows a ~240 mm field of view, coarser for tiny test images).
         class_frequencies: see :func:`bundle.phantoms.anatomy.check_class_frequencies`.
+        fov_top: None (the default field of view, around T12..S1 and every keypoint) or one of ``FOV_TOPS``:
+            the top edge of the sagittal series then lies at that vertebra's cranial endplate (T9..L1) and the
+            field of view reaches down past S1; keypoints above the top edge fall outside the image.
 
     Example:
         >>> st = phantom_study(0, 0, "rsna", min_size=64, max_size=96)
@@ -196,6 +219,10 @@ def phantom_study(
     fov_points = np.array(
         [p for group in kp.values() for p in group.values()] + [spine.body_centre("T12"), spine.body_centre("S1")]
     )
+    top_s = None if fov_top is None else fov_top_s(spine, fov_top)
+    if top_s is not None:  # keep what lies below the top edge in view: the top point, the lumbar keypoints, S1
+        arc = spine.coords(fov_points[:, 0], fov_points[:, 1], fov_points[:, 2])[0]
+        fov_points = np.concatenate([spine.point(top_s)[None], fov_points[arc > top_s]])
 
     kinds = ["sag_t2"]
     if layout == "tianchi":
@@ -211,6 +238,8 @@ def phantom_study(
             geom = sample_axial(rng, spine, np.array([kp["disc"][d] for d in discs]), min_size, max_size)
         else:
             geom = sample_sagittal(rng, spine, fov_points, min_size, max_size)
+            if top_s is not None:
+                geom = _fov_from_top(geom, spine, top_s)
         if layout == "rsna":
             desc = {"sag_t2": "Sagittal T2/STIR", "sag_t1": "Sagittal T1", "ax_t2": "Axial T2"}[kind]
         else:

@@ -1,0 +1,133 @@
+"""Level assignment: name the detected candidates of one stream by dynamic programming along the spine.
+
+The candidates (more than the K levels) are ordered head to feet. An assignment is an order-preserving,
+one-to-one map from a subset of the levels to a subset of the candidates, and its cost is the sum of
+
+- ``-log(s_i / s_max)`` for each candidate taken (its Hough score relative to the stream's best);
+- ``skip_cost`` for each level left without a candidate above or between the taken ones (a missed
+  structure leaves a gap, not a shift), ``anchor_cost`` for each level left empty below the most caudal
+  taken one;
+- ``(log(g / (n d)))^2 / (2 spacing_sigma^2)`` between two consecutive taken candidates ``g`` mm apart
+  whose levels are ``n`` apart, ``d`` the inter-level spacing; and a log-normal prior on ``d`` around
+  the expected spacing (``d`` is chosen from a grid by the lowest total cost);
+- ``reject_cost * s_i / s_max`` for each candidate left out *between* or *below* the taken ones, while a
+  candidate above the most cranial taken one is free: the caudal end anchors the levels (on a lumbar
+  scan the sacrum is always in view while the top of the field of view varies from T9 to L1), so extra
+  thoracic structures above L1 are dropped.
+
+``level_confidence`` of a taken candidate = ``min(1, s_i)`` times the mean spacing-consistency term
+``exp(-cost)`` of its links to its neighbours in the chain (1 without neighbours), in [0, 1].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["LevelAssignment", "assign_levels"]
+
+
+@dataclass(frozen=True)
+class LevelAssignment:
+    """``level[i]`` = level index of candidate ``i`` or -1 (dropped); ``confidence[i]`` in [0, 1]; ``spacing``."""
+
+    level: np.ndarray
+    confidence: np.ndarray
+    spacing: float
+
+
+def _gap_cost(gap: np.ndarray, n: int, spacing: float, sigma: float) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.log(np.maximum(gap, 1e-9) / (n * spacing))
+    return r * r / (2.0 * sigma * sigma)
+
+
+def _chain(
+    pos: np.ndarray, rel: np.ndarray, k: int, spacing: float, sigma: float, skip: float, reject: float, anchor: float
+) -> tuple[float, list[tuple[int, int]]]:
+    """Lowest-cost chain ``[(level, candidate), ...]`` for one spacing; candidates are in head-to-feet order."""
+    n = len(rel)
+    gap = np.linalg.norm(pos[None, :, :] - pos[:, None, :], axis=-1)  # (N, N)
+    order = np.arange(n)
+    later = order[None, :] > order[:, None]  # [i', i]: i' above i
+    prefix = np.concatenate([[0.0], np.cumsum(rel)])
+    between = reject * (prefix[None, :-1] - prefix[1:, None])  # [i', i]: rel summed strictly between i' and i
+    between = np.where(later, between, np.inf)
+    below = reject * (prefix[-1] - prefix[1:])  # sum of rel strictly below i
+    unary = -np.log(np.clip(rel, 1e-12, None))
+    cost = np.full((k, n), np.inf)
+    back = np.full((k, n, 2), -1, dtype=np.int64)
+    for j in range(k):
+        cost[j] = unary + skip * j  # chain starts here: levels above skipped, candidates above free
+        for jp in range(j):
+            step = _gap_cost(gap, j - jp, spacing, sigma) + between + skip * (j - jp - 1)
+            total = cost[jp][:, None] + step + unary[None, :]  # [i', i]: chain ... i' then i
+            best = total.argmin(axis=0)
+            value = total[best, order]
+            better = value < cost[j]
+            cost[j] = np.where(better, value, cost[j])
+            back[j, better] = np.stack([np.full(int(better.sum()), jp), best[better]], axis=1)
+    end = cost + anchor * (k - 1 - np.arange(k))[:, None] + below[None, :]
+    j, i = np.unravel_index(int(np.argmin(end)), end.shape)
+    best_cost = float(end[j, i])
+    empty = skip * k + anchor + reject * float(prefix[-1])
+    if not np.isfinite(best_cost) or empty < best_cost:
+        return empty, []
+    chain = []
+    while j >= 0:
+        chain.append((int(j), int(i)))
+        j, i = back[j, i]
+    return best_cost, chain[::-1]
+
+
+def assign_levels(
+    positions: np.ndarray,
+    scores: np.ndarray,
+    num_levels: int,
+    spacing: float,
+    *,
+    spacing_sigma: float = 0.2,
+    spacing_prior_sigma: float = 0.25,
+    skip_cost: float = 3.0,
+    reject_cost: float = 4.0,
+    anchor_cost: float = 8.0,
+) -> LevelAssignment:
+    """Assign level indices 0..K-1 (head to feet) to candidates by dynamic programming (see the module doc).
+
+    Args:
+        positions: (N, D) candidate positions (mm, or pixels without geometry), ordered head to feet.
+        scores: (N,) positive candidate scores (Hough scores).
+        num_levels: K.
+        spacing: expected distance between neighbouring levels, in the unit of ``positions``.
+
+    Example:
+        >>> pos = np.array([[0.0, 0.0], [0.0, 35.0], [0.0, 105.0]])  # the level at 70 mm is missed
+        >>> assign_levels(pos, np.ones(3), 4, 35.0).level.tolist()
+        [0, 1, 3]
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    n = len(s)
+    pos = np.asarray(positions, dtype=np.float64).reshape(n, -1) if n else np.zeros((0, 2))
+    level, confidence = np.full(n, -1, dtype=np.int64), np.zeros(n)
+    if n == 0 or num_levels < 1 or not (s > 0).any():
+        return LevelAssignment(level, confidence, float(spacing))
+    if spacing <= 0:
+        raise ValueError(f"spacing must be positive, got {spacing}")
+    rel = np.clip(s / s.max(), 1e-12, 1.0)
+    best = (np.inf, [], float(spacing))
+    for factor in np.exp(np.linspace(-0.5, 0.5, 11)):  # d from 0.61 to 1.65 times the expected spacing
+        cost, chain = _chain(pos, rel, num_levels, spacing * factor, spacing_sigma, skip_cost, reject_cost, anchor_cost)
+        cost += np.log(factor) ** 2 / (2.0 * spacing_prior_sigma**2)
+        if cost < best[0]:
+            best = (cost, chain, float(spacing * factor))
+    _, chain, d = best
+    for idx, (j, i) in enumerate(chain):
+        level[i] = j
+        links = []
+        for other in (chain[idx - 1] if idx > 0 else None, chain[idx + 1] if idx + 1 < len(chain) else None):
+            if other is not None:
+                gap = np.linalg.norm(pos[i] - pos[other[1]])
+                links.append(float(np.exp(-_gap_cost(np.array(gap), abs(j - other[0]), d, spacing_sigma))))
+        confidence[i] = min(1.0, float(s[i])) * (float(np.mean(links)) if links else 1.0)
+    return LevelAssignment(level, confidence, d)
