@@ -71,7 +71,7 @@ def bf16_probe(n: int = 384, side: int = 32, channels: int = 64, repeats: int = 
             conv = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False).to(dtype=dtype)
             conv = conv.to(memory_format=torch.channels_last)
             x = torch.randn(1, channels, side, side, dtype=dtype).contiguous(memory_format=torch.channels_last)
-            a @ a, conv(x)  # warm-up: oneDNN primitive creation, weight reorders
+            _ = a @ a, conv(x)  # warm-up: oneDNN primitive creation, weight reorders
             seconds[name] = _best_seconds(lambda: a @ a, repeats) + _best_seconds(lambda: conv(x), repeats)
     return {
         "fp32_seconds": seconds["fp32"],
