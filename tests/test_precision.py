@@ -142,3 +142,9 @@ def test_configs_name_the_precision_and_wrap_their_inferers():
     parser = ConfigParser()
     parser.read_config(str(ROOT / "configs" / "train.json"))
     assert parser["train_precision"] == "@precision"  # training follows `precision` unless set apart
+
+
+def test_probe_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    P.bf16_probe(n=32, side=4, channels=8, repeats=1)
+    assert torch.get_num_threads() == threads
