@@ -42,6 +42,8 @@ from bundle.outputs import KeypointsWriter  # noqa: E402
 from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
+from scripts.bench_precision import precision_report  # noqa: E402
+
 STREAMS = {"disc": 3}  # RSNA: one stream, 3 severities
 RADIUS, TARGET_STRIDE, NETWORK_STRIDE = 6.0, 1, 4  # as configs/inference.json
 #: training batches measured per PAM implementation: 2 is the smallest BatchNorm allows; the third sample's
@@ -530,6 +532,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("end_to_end_seconds", "load_seconds", "preprocess_seconds", "decode_seconds", "write_seconds"):
             result[key] = best[key]
         result["end_to_end_network_seconds"] = best["network_seconds"]
+        if not args.no_precision:  # issue 14: fp32 against bf16, end to end with precision "auto"
+            e2e = partial(end_to_end_once, data_dir=data_dir, out_dir=Path(tmp) / "out", preprocessing=preprocessing)
+            result["precision"] = precision_report(
+                args, net, x, computed / 1e9, partial(e2e, channels_last=channels_last), synthetic_targets
+            )
         del net
         commands = {"inference": _child_command(args, "--child", "inference", "--data-dir", str(data_dir))}
         if not args.no_train:
@@ -591,6 +598,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --device cuda: batches for the model time per exam (default 1 16)",
     )
     p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
+    p.add_argument("--no-precision", action="store_true", help="skip the fp32-against-bf16 section")
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "process"),
+        help="clock of the precision section: wall, or process CPU time (use with --threads 1 on a busy machine)",
+    )
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--child", choices=("inference", "train"), help=argparse.SUPPRESS)
     p.add_argument("--impl", default="fused", help=argparse.SUPPRESS)
@@ -624,24 +638,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(args)
     out = Path(args.out)
-    atomic_write_text(out, json.dumps(result, indent=2))
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in (
-                    "matmul_gflops",
-                    "network_gflop",
-                    "network_seconds",
-                    "fraction_of_peak",
-                    "end_to_end_seconds",
-                    "peak_rss_mb",
-                )
-                if k in result
-            },
-            indent=2,
-        )
+    atomic_write_text(out, json.dumps(result, indent=4) + "\n")
+    keys = (
+        "matmul_gflops",
+        "network_gflop",
+        "network_seconds",
+        "fraction_of_peak",
+        "end_to_end_seconds",
+        "peak_rss_mb",
     )
+    summary = {k: result[k] for k in keys if k in result}
+    if "precision" in result:
+        keys = ("auto_precision", "bf16_speedup", "fraction_of_peak", "train_bf16_speedup")
+        summary["precision"] = {k: result["precision"].get(k) for k in keys}
+    print(json.dumps(summary, indent=2))
     print(f"written {out}")
 
 
