@@ -158,7 +158,7 @@ def precision_report(
     """fp32 against bf16 (see the module docstring). ``net``: the prepared inference network, ``x`` its input,
     ``gflop`` its FLOPs (as ``network_gflop``), ``end_to_end(net)`` one study's pass with its parts,
     ``targets(batch, size)`` square synthetic loss targets (cropped to the demo's H x W).
-    ``args``: the benchmark's (matmul_n, size, repeats, train_repeats, clock, no_train)."""
+    ``args``: the benchmark's (matmul_n, size, repeats, train_repeats, clock, no_precision_train, quick)."""
     clock, repeats = args.clock, args.repeats
     report = precision_support()
     dtypes = {"fp32": None, "bf16": torch.bfloat16} if report["bf16_supported"] else {"fp32": None}
@@ -181,7 +181,7 @@ def precision_report(
     auto = report["auto_precision"]
     report["fraction_of_peak"] = report[f"fraction_of_peak_{auto}"]  # against the precision actually used
     report["end_to_end_auto"] = _end_to_end_auto(end_to_end, net, repeats)
-    if not args.no_train:
+    if not args.no_precision_train:
         settings = demo_train_settings()
         if args.quick:  # smoke test: the demo's network at --size, batch 2
             settings.update(crop=[args.size, args.size], batch=2)

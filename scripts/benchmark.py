@@ -600,6 +600,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
     p.add_argument("--no-precision", action="store_true", help="skip the fp32-against-bf16 section")
     p.add_argument(
+        "--no-precision-train",
+        action="store_true",
+        help="skip the precision section's training steps (demo settings); --no-train does not skip them",
+    )
+    p.add_argument(
         "--clock",
         default="wall",
         choices=("wall", "process"),

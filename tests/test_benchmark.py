@@ -263,7 +263,7 @@ def test_precision_report_skips_bf16_without_cpu_support(monkeypatch):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     monkeypatch.setattr(bp, "cpu_bf16_support", precision.cpu_bf16_support)
     try:
-        args = bench.parse_args(["--out", "x.json", "--size", "32", "--depth", "18", "--quick", "--no-train"])
+        args = bench.parse_args(["--out", "x.json", "--size", "32", "--depth", "18", "--quick", "--no-precision-train"])
         from bundle.networks import SpineOne
 
         net = SpineOne({"disc": 3}, backbone_depth=18).eval()
