@@ -148,3 +148,37 @@ def test_probe_restores_the_thread_count():
     threads = torch.get_num_threads()
     P.bf16_probe(n=32, side=4, channels=8, repeats=1)
     assert torch.get_num_threads() == threads
+
+
+def _fake_evaluation(folder: Path, points: list[tuple[str, int, list[float]]], f1: float) -> Path:
+    import json
+
+    (folder / "predictions" / "s1").mkdir(parents=True)
+    keypoints = [
+        {"stream": "disc", "level": level, "label_index": label, "position_mm": mm} for level, label, mm in points
+    ]
+    (folder / "predictions" / "s1" / "keypoints.json").write_text(
+        json.dumps({"study_id": "s1", "keypoints": keypoints})
+    )
+    metrics = {"streams": {"disc": {"pck": {"6": 1.0}, "macro_f1": f1}}, "rsna": {"score": 0.1}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_compare_precision_script(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_precision", ROOT / "scripts" / "compare_precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = _fake_evaluation(tmp_path / "a", [("L1/L2", 0, [0.0, 0.0, 0.0]), ("L2/L3", 1, [0.0, 0.0, 10.0])], 0.9)
+    b = _fake_evaluation(tmp_path / "b", [("L1/L2", 0, [0.0, 0.3, 0.4]), ("L3/L4", 1, [0.0, 0.0, 20.0])], 0.91)
+    result = module.compare(a, b)
+    assert result["only_in_one"] == 2 and result["same_level_and_class_fraction"] == pytest.approx(1 / 3)
+    assert result["max_position_difference_mm"] == pytest.approx(0.5)
+    assert result["metric_differences"]["disc_macro_f1"] == pytest.approx(0.01)
+    assert result["criterion_met"] == {
+        "same_level_and_class_ge_0.99": False,
+        "positions_within_0.5_mm": True,
+        "metrics_within_0.005": False,
+    }
