@@ -7,6 +7,7 @@ and forward time (``fraction_of_peak``), one study's end-to-end time from DICOM 
 inference (fresh subprocess) and the time and memory of one training step per sample for the fused and
 the plain PAM (fresh subprocesses at batches 2 and 3: the third sample's extra peak is a sample's memory).
 With ``--device cuda``: model time per exam at batches 1 and 16 and GPU training memory instead.
+The ``precision`` section (``scripts/bench_precision.py``; ``--no-precision`` skips it) compares fp32 with bf16.
 docs/performance.md explains the keys and records results.
 
 Examples (from the repository root):
