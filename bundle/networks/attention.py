@@ -20,14 +20,13 @@ PAM_IMPLS = ("plain", "fused")
 QUERY_BLOCK = 64
 
 
-def _low_precision(x: torch.Tensor) -> torch.dtype | None:
-    """bfloat16 when ``x`` is bfloat16 or a CPU autocast region asks for it, else None."""
-    if x.dtype == torch.bfloat16:
-        return torch.bfloat16
-    if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        dtype = torch.get_autocast_dtype("cpu")
-        return dtype if dtype == torch.bfloat16 else None
-    return None
+def _bf16_cpu(x: torch.Tensor) -> bool:
+    """True when ``x`` is a bfloat16 CPU tensor or a CPU autocast region asks for bfloat16."""
+    if x.device.type != "cpu":
+        return False
+    return x.dtype == torch.bfloat16 or (
+        torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    )
 
 
 def blocked_attention(
@@ -103,11 +102,13 @@ class PositionAttention(nn.Module):
         q = self.query(x).reshape(b, self.key_channels, n)
         k = self.key(x).reshape(b, self.key_channels, n)
         v = self.value(x).reshape(b, c, n)
-        low = _low_precision(x) if self.impl == "fused" and not torch.is_grad_enabled() else None
-        if low is not None:  # (B, N, C) out of (B, N, Ck) q, k and (B, N, C) v; channels_last: no copies
-            out = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), low)
-            out = out.to(v.dtype).transpose(1, 2)  # (B, C, N)
-        elif self.impl == "fused":
+        out, blocked = v, False
+        if not torch.jit.is_scripting():  # not compiled by TorchScript: exports keep the SDPA path
+            if self.impl == "fused" and not torch.is_grad_enabled() and _bf16_cpu(x):
+                # (B, N, .) views of q, k, v are copy-free for channels_last maps
+                attended = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.bfloat16)
+                out, blocked = attended.to(v.dtype).transpose(1, 2), True  # (B, C, N)
+        if self.impl == "fused" and not blocked:
             # (B, 1, N, C) layout for SDPA; the fused kernels need stride 1 on the last dim, hence the pad
             # (which copies) for q, k and .contiguous() for v.
             pad = c - self.key_channels
@@ -116,7 +117,7 @@ class PositionAttention(nn.Module):
             vt = v.transpose(1, 2).contiguous().unsqueeze(1)
             out = F.scaled_dot_product_attention(qp, kp, vt, scale=1.0)  # (B, 1, N, C)
             out = out.squeeze(1).transpose(1, 2)  # (B, C, N)
-        else:
+        elif not blocked:
             energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N): energy[i, j] = q_i . k_j
             attention = torch.softmax(energy, dim=-1)
             out = torch.bmm(v, attention.transpose(1, 2))  # (B, C, N): out[:, i] = sum_j A[i, j] v_j
@@ -147,8 +148,10 @@ class ChannelAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, C, H, W) -> (B, C, H, W), always in float32 (also under autocast)."""
-        with torch.autocast(x.device.type, enabled=False):
-            return self._forward(x.float())
+        if not torch.jit.is_scripting():  # TorchScript has no autocast with a run-time device
+            with torch.autocast(x.device.type, enabled=False):
+                return self._forward(x.float())
+        return self._forward(x)
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         # float32 throughout: the energies are sums of N squares, too large for bfloat16's 8-bit mantissa
