@@ -13,8 +13,9 @@ Weights (``models/model.pt``), one of:
 - ``--local-weights``: copies ``models/model.pt`` whatever its size, for a local ``verify_bundle.py`` or
   MONAI Label run (not for a zoo pull request when over 25 MB);
 - ``--demo``: copies the CPU demo model ``models/demo/model.pt`` to ``models/model.pt`` and writes the demo's
-  overrides (configs/demo.json) into the copy's ``configs/inference.json``, so the copy serves as it is.
-Without any of these and without a ``models/model.pt``, the copy holds code and configs only.
+  overrides (configs/demo.json) into the copy's ``configs/inference.json``, so the copy serves as it is;
+- ``--no-weights``: code and configs only, whatever ``models/`` holds (weights added to the copy later).
+Without any of these and without a ``models/model.pt``, the copy holds code and configs only too.
 
 Example (from anywhere):
     python scripts/package_bundle.py --out /tmp/spineone --local-weights
@@ -155,6 +156,7 @@ def package(
     hash_type: str = "md5",
     local_weights: bool = False,
     demo: bool = False,
+    no_weights: bool = False,
 ) -> list[str]:
     """Copy the bundle at ``src`` into ``out`` (missing or empty); return the written paths relative to ``out``.
 
@@ -163,9 +165,10 @@ def package(
             without ``weights_url``, a placeholder URL or no hash for ``large_files.yml``, missing weights for
             ``local_weights`` or ``demo``.
     """
-    if sum((weights_url is not None, local_weights, demo)) > 1:
-        raise PackagingError("choose one of --weights-url, --local-weights and --demo")
-    mode = "demo" if demo else "local" if local_weights else "url" if weights_url is not None else "auto"
+    if sum((weights_url is not None, local_weights, demo, no_weights)) > 1:
+        raise PackagingError("choose one of --weights-url, --local-weights, --demo and --no-weights")
+    modes = {"demo": demo, "local": local_weights, "none": no_weights, "url": weights_url is not None}
+    mode = next((name for name, chosen in modes.items() if chosen), "auto")
     weights = src / "models" / "model.pt"
     _check_request(src, out, weights, mode, weights_url)
     entry = large_files_entry(weights, weights_url, weights_hash, hash_type) if mode == "url" else None
@@ -179,7 +182,7 @@ def package(
             "# the zoo's CI and `python -m monai.bundle download` fetch it from url and check hash_val.\n"
         )
         (out / "large_files.yml").write_text(note + yaml.safe_dump({"large_files": [entry]}, sort_keys=False))
-    elif weights.is_file():  # auto (at most 25 MB, checked above) or local
+    elif mode != "none" and weights.is_file():  # auto (at most 25 MB, checked above) or local
         _copy_weights(weights, out)
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
@@ -196,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     weights.add_argument(
         "--demo", action="store_true", help="serve the CPU demo: models/demo/model.pt plus configs/demo.json's keys"
     )
+    weights.add_argument("--no-weights", action="store_true", help="code and configs only, whatever models/ holds")
     ap.add_argument("--weights-hash", default=None, help="hash of the published file when models/model.pt is not here")
     ap.add_argument("--hash-type", default="md5", choices=HASH_TYPES, help="hash type for large_files.yml")
     args = ap.parse_args(argv)
@@ -208,9 +212,10 @@ def main(argv: list[str] | None = None) -> int:
         hash_type=args.hash_type,
         local_weights=args.local_weights,
         demo=args.demo,
+        no_weights=args.no_weights,
     )
     print(f"wrote {len(files)} files to {args.out}")
-    if "models/model.pt" not in files and "large_files.yml" not in files:
+    if not args.no_weights and "models/model.pt" not in files and "large_files.yml" not in files:
         print(
             "note: the copy has no weights (no models/model.pt here); the zoo's verify_bundle.py needs models/model.pt"
             " or large_files.yml: train first, or pass --weights-url for published weights",

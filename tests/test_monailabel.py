@@ -1,9 +1,9 @@
 """MONAI Label postprocessing (default run) and a real MONAI Label 0.8.5 server (opt-in, marker ``monailabel``).
 
-The server test runs the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
-have requirements-monailabel.txt installed:
-    SPINEONE_MONAILABEL=1 SPINEONE_MONAILABEL_PYTHON=/path/to/mlenv/bin/python \
-        python -m pytest -q tests/test_monailabel.py
+The server tests run the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
+have requirements-monailabel.txt installed; pytest itself runs in the bundle's environment (requirements-dev.txt)
+or in MONAI Label's. From the repository root, with ``ML`` the MONAI Label environment (docs/README.md):
+    SPINEONE_MONAILABEL=1 SPINEONE_MONAILABEL_PYTHON=$ML/bin/python .venv/bin/python -m pytest -q tests/test_monailabel.py
 """
 
 from __future__ import annotations
@@ -240,7 +240,7 @@ def test_monailabel_server_infers_keypoints(tmp_path):
 
     app = _monaibundle_app(tmp_path / "apps")
     model_dir = app / "model" / "spineone"
-    _package(model_dir)
+    _package(model_dir, "--no-weights")
     # small network so that CPU inference takes seconds; random weights (the server loads models/model.pt)
     config_path = model_dir / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
@@ -303,7 +303,7 @@ def test_monailabel_server_infers_keypoints(tmp_path):
 def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     app = _monaibundle_app(tmp_path / "apps")
     model_dir = app / "model" / "spineone"
-    _package(model_dir)  # inference.json as shipped: ResNet-50
+    _package(model_dir, "--no-weights")  # inference.json as shipped: ResNet-50
     _random_weights(model_dir / "models" / "model.pt", depth=18)  # the demo's ResNet-18 weights
     studies, _ = _phantom_studies(tmp_path)
     server = _Server(app, studies, tmp_path / "server.log")
@@ -313,6 +313,10 @@ def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
         log = server.log()
         assert "the weights do not fit the configured network, refusing to serve them" in log, log[-4000:]
         assert "overrides that probably fit these weights: --backbone_depth 18" in log
+        line = next(x for x in log.splitlines() if "refusing to serve them" in x)  # one line says it all
+        assert "network keys missing from the checkpoint (e.g. backbone.layer1.0.conv3.weight" in line
+        assert "shape mismatches (e.g. backbone.layer1.0.conv1.weight (64, 64, 3, 3) in the checkpoint" in line
+        assert "--backbone_depth 18" in line and "configs/demo.json" in line
     finally:
         server.stop()
 
@@ -324,7 +328,7 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
     src = ROOT
     if not (ROOT / "models" / "demo" / "model.pt").is_file():
         src = tmp_path / "src"
-        _package(src)
+        _package(src, "--no-weights")
         demo = json.loads((ROOT / "configs" / "demo.json").read_text())
         _random_weights(src / "models" / "demo" / "model.pt", depth=demo["backbone_depth"])
     app = _monaibundle_app(tmp_path / "apps")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,42 @@ def test_demo_overrides_only_top_level_keys_of_every_workflow():
         parser.read_config([str(CONFIGS / f) for f in files])
         assert parser.get_parsed_content("backbone_depth") == 18
         assert parser["ckpt_dir"].endswith("/models/demo'")
+
+
+# an input size as prose states it: "224 input", "224 x 224 input", "256 px", "256 pixels"
+_STATED_SIZE = re.compile(
+    r"(?<![\d.])(\d+)(?:\s*x\s*(\d+))?\s*(?:px|pixels?)?\s+input\b|(?<![\d.])(\d+)\s*(?:px|pixels)\b"
+)
+
+
+def _blocks_naming(text: str, name: str) -> list[str]:
+    """Paragraphs (blank-line separated; each table row on its own) of a Markdown ``text`` that contain ``name``."""
+    blocks = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = para.splitlines()
+        blocks += [line for line in lines if line.lstrip().startswith("|")]
+        blocks.append("\n".join(line for line in lines if not line.lstrip().startswith("|")))
+    return [b for b in blocks if name in b]
+
+
+def test_docs_state_the_demo_input_size_of_demo_json():
+    """configs/demo.json is the one source of the demo's settings: models/README.md refers to it, and where a
+    README's paragraph or table row naming it states an input size, that size is demo.json's."""
+    size = json.loads((CONFIGS / "demo.json").read_text())["input_size"]
+    assert "configs/demo.json" in (ROOT / "models" / "README.md").read_text()
+    assert _blocks_naming("a\n\n| `x` | 9 px |\n| `y` | 8 px |", "`y`") == ["| `y` | 8 px |"]
+    assert [m.group(0) for m in _STATED_SIZE.finditer("1.3125 mm pixels, 256 px, 224 x 224 input")] == [
+        "256 px",
+        "224 x 224 input",
+    ]
+    stated = {}
+    for doc in (ROOT / "models" / "README.md", ROOT / "docs" / "README.md", ROOT / "README.md"):
+        for block in _blocks_naming(doc.read_text(), "configs/demo.json"):
+            for match in _STATED_SIZE.finditer(block):
+                numbers = {int(n) for n in match.groups() if n is not None}
+                stated[f"{doc.relative_to(ROOT)}: {match.group(0)!r}"] = numbers
+    wrong = [where for where, numbers in stated.items() if numbers != {size}]
+    assert not wrong, f"configs/demo.json has input_size {size}; these say otherwise: {wrong}"
 
 
 def test_metadata_verifies_against_offline_schema(meta_schema):

@@ -57,13 +57,14 @@ def test_metadata_passes_schema_and_zoo_rules(tmp_path, meta_schema):
         verify_metadata(meta_file=str(tmp_path / "broken.json"), filepath=str(schema))
 
 
-def test_verify_net_in_out_one_tensor_with_metadata_channels():
+def test_verify_net_in_out_one_tensor_with_metadata_channels(tmp_path):
     kwargs = {
         "net_id": "network_def",
         "meta_file": str(ROOT / "configs" / "metadata.json"),
         "config_file": str(ROOT / "configs" / "inference.json"),
         "device": "cpu",
         "backbone_depth": 18,
+        "ckpt_dir": str(tmp_path),  # no weights: the repository's own models/model.pt may be any model
         "_meta_#network_data_format#inputs#image#spatial_shape": [128, 128],
     }
     verify_net_in_out(**kwargs)
@@ -92,6 +93,8 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
         "configs/inference.json",
         "--backbone_depth",
         "18",
+        "--ckpt_dir",
+        str(tmp_path),  # network_def checks the exported weights, not the repository's models/model.pt
     ]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env=_env(), timeout=120)
     scripted = torch.jit.load(str(tmp_path / "model.ts"))
@@ -187,6 +190,8 @@ def test_package_weights_small_large_published_or_local(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="differs from the md5"):
         packager.package(src, tmp_path / "wrong", "https://host.org/model.pt", weights_hash="0" * 32)
 
+    none = packager.package(src, tmp_path / "none", no_weights=True)  # code and configs only, even over 25 MB
+    assert "models/model.pt" not in none and "large_files.yml" not in none and "configs/inference.json" in none
     local = packager.package(src, tmp_path / "local", local_weights=True)  # any size, for verify_bundle.py
     assert "models/model.pt" in local and "large_files.yml" not in local
     assert (tmp_path / "local" / "models" / "model.pt").read_bytes() == b"0123456789"
@@ -203,6 +208,10 @@ def test_package_weights_small_large_published_or_local(tmp_path, monkeypatch):
         packager.package(bare, tmp_path / "nolocal", local_weights=True)
     result = _run_packager("--src", str(bare), "--out", str(tmp_path / "both"), "--demo", "--local-weights")
     assert result.returncode != 0 and "not allowed with argument" in result.stderr
+    with pytest.raises(SystemExit, match="choose one of"):
+        packager.package(src, tmp_path / "two", demo=True, no_weights=True)
+    result = _run_packager("--src", str(src), "--out", str(tmp_path / "cli-none"), "--no-weights")
+    assert result.returncode == 0 and not (tmp_path / "cli-none" / "models" / "model.pt").exists(), result.stderr
 
 
 def test_package_demo_writes_weights_and_overrides(tmp_path):
@@ -222,7 +231,7 @@ def test_packaged_demo_copy_serves_as_it_is(tmp_path):
     """The real configs: a demo-shaped random model.pt in a bundle copy, packaged with --demo, passes the strict
     check and runs inference.json alone (no overrides but the data) on a phantom study."""
     src = tmp_path / "src"
-    _packager().package(ROOT, src)
+    _packager().package(ROOT, src, no_weights=True)  # whatever weights the repository's models/ holds
     torch.manual_seed(0)
     demo = json.loads((ROOT / "configs" / "demo.json").read_text())
     net = bundle.SpineOne({"disc": 3}, backbone_depth=demo["backbone_depth"], in_channels=7, attention=["pam", "cam"])
@@ -253,7 +262,7 @@ def test_packaged_demo_copy_serves_as_it_is(tmp_path):
 
 def test_packaged_copy_trains_from_another_directory(tmp_path):
     pkg = tmp_path / "spineone"
-    packager = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(pkg)]
+    packager = [sys.executable, str(ROOT / "scripts" / "package_bundle.py"), "--out", str(pkg), "--no-weights"]
     subprocess.run(packager, check=True, timeout=60)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
@@ -293,6 +302,7 @@ ZOO_UNIT_TEST = ROOT / "tests" / "zoo_ci" / f"test_{ZOO_NAME}.py"
 def _zoo_checkout(tmp_path: Path, *package_args: str, src: Path = ROOT) -> Path:
     """A zoo-shaped folder: the packaged bundle at models/<name>/ and the zoo-layout unit test in ci/unit_tests/."""
     zoo = tmp_path / "zoo"
+    package_args = package_args or ("--no-weights",)  # not the repository's own (maybe large) models/model.pt
     result = _run_packager("--src", str(src), "--out", str(zoo / "models" / ZOO_NAME), *package_args)
     assert result.returncode == 0, result.stderr
     (zoo / "ci" / "unit_tests").mkdir(parents=True)
@@ -356,7 +366,7 @@ def test_packaged_copy_passes_verify_bundle_checks_offline(tmp_path, meta_schema
 
     monkeypatch.setattr(monai.apps.utils, "download_url", no_download)
     src = tmp_path / "src"
-    _packager().package(ROOT, src)
+    _packager().package(ROOT, src, no_weights=True)  # whatever weights the repository's models/ holds
     config = json.loads((src / "configs" / "inference.json").read_text())
     config["backbone_depth"] = 18  # a small network, as a copy for a demo-sized model would configure it
     (src / "configs" / "inference.json").write_text(json.dumps(config, indent=4) + "\n")
@@ -410,3 +420,48 @@ def test_packaged_copy_passes_zoo_format_checks(tmp_path):
         )
         assert result.returncode == 0, (hook, result.stdout[-3000:])
     assert max(p.stat().st_size for p in files) <= 1024 * 1024  # the zoo's check-added-large-files limit
+
+
+ZOO_README_SECTIONS = (
+    "## Model Overview",
+    "## Data",
+    "## Training configuration",
+    "## Performance",
+    "## MONAI Bundle Commands",
+    "## System Configuration",
+    "## Limitations",
+    "## References",
+    "## License",
+)
+
+
+def test_docs_readme_follows_the_zoo_template_sections_in_order():
+    headers = [
+        line.strip() for line in (ROOT / "docs" / "README.md").read_text().splitlines() if line.startswith("## ")
+    ]
+    positions = [headers.index(section) for section in ZOO_README_SECTIONS if section in headers]
+    missing = [section for section in ZOO_README_SECTIONS if section not in headers]
+    assert not missing, f"docs/README.md lacks the zoo template section(s) {missing}"
+    assert positions == sorted(positions), f"docs/README.md sections out of the template's order: {headers}"
+
+
+def _pins(lines: list[str]) -> dict[str, str]:
+    pins = {}
+    for line in lines:
+        requirement = line.split("#")[0].strip()
+        if "==" in requirement:
+            name, version = requirement.split("==")
+            pins[name.strip().lower()] = version.strip()
+    return pins
+
+
+def test_metadata_pins_match_requirements_and_state_the_python_version():
+    metadata = json.loads((ROOT / "configs" / "metadata.json").read_text())
+    pinned = _pins((ROOT / "requirements.txt").read_text().splitlines())
+    declared = {name.lower(): version for name, version in metadata["required_packages_version"].items()}
+    declared.update(torch=metadata["pytorch_version"], numpy=metadata["numpy_version"], monai=metadata["monai_version"])
+    differing = {
+        name: (version, pinned[name]) for name, version in declared.items() if pinned.get(name, version) != version
+    }
+    assert not differing, f"metadata.json and requirements.txt pin different versions: {differing}"
+    assert "Python 3.11 or newer" in metadata["description"]
