@@ -33,8 +33,10 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
+sys.path.insert(0, str(ROOT / "scripts"))  # and the precision section, also when imported from a file path
 
 import torch  # noqa: E402
+from bench_precision import precision_report  # noqa: E402
 from bundle.decoding import decode_keypoints  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
 from bundle.losses import SpineOneLoss  # noqa: E402
@@ -42,8 +44,6 @@ from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # n
 from bundle.outputs import KeypointsWriter  # noqa: E402
 from bundle.streams import RSNA_STREAMS, split_output  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
-
-from scripts.bench_precision import precision_report  # noqa: E402
 
 STREAMS = {"disc": 3}  # RSNA: one stream, 3 severities
 RADIUS, TARGET_STRIDE, NETWORK_STRIDE = 6.0, 1, 4  # as configs/inference.json

@@ -254,9 +254,8 @@ def test_report_precision_section(report):
 
 def test_precision_report_skips_bf16_without_cpu_support(monkeypatch):
     bench = _load_script()
+    import bench_precision as bp  # importable once the benchmark script is loaded
     from bundle import precision
-
-    import scripts.bench_precision as bp
 
     precision._auto_cpu.cache_clear()
     monkeypatch.setattr(precision, "_logged", set())
