@@ -27,6 +27,7 @@ from bundle.losses import SpineOneLoss, oa_weights
 from bundle.metrics import KeypointMetric
 from bundle.networks import ChannelAttention, PositionAttention, SpineOne
 from bundle.outputs import KeypointsWriter, RsnaScoreHandler, read_rsna_prior
+from bundle.precision import AutocastInferer, resolve_precision
 from bundle.rsna_metric import rsna_score
 from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_streams, split_output
 from bundle.studies import find_studies
@@ -35,6 +36,7 @@ from bundle.transforms import KeypointsDecoded, KeypointsToArraysd, OCPCTargetsd
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutocastInferer",
     "BundleInputError",
     "ChannelAttention",
     "EvaluationBatch",
@@ -69,6 +71,7 @@ __all__ = [
     "parse_streams",
     "pixels_to_mm",
     "read_rsna_prior",
+    "resolve_precision",
     "rsna_score",
     "select_sagittal_t2",
     "split_folds",

@@ -169,10 +169,15 @@ class SpineOneLoss(nn.Module):
     def loss_parts(
         self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """``(total, parts)``; computed in float32 whatever the autocast state (the terms need fp32 range)."""
+        """``(total, parts)``; always in float32, also inside an autocast region or with a bfloat16 ``pred``."""
         if isinstance(pred, MetaTensor):
             pred = pred.as_tensor()
-        pred = pred.float()
+        with torch.autocast(pred.device.type, enabled=False):
+            return self._loss_parts(pred.float(), targets)
+
+    def _loss_parts(
+        self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
         for name, (logits, offsets) in split_output(pred, self.streams).items():
             c = self.streams[name]
@@ -198,7 +203,9 @@ class SpineOneLoss(nn.Module):
         if missing:
             raise KeyError(f"targets miss {missing} for stream {name!r}; got keys {sorted(targets)}")
         # plain tensors: MetaTensor targets would turn the loss values into MetaTensors
-        heatmap, offset, mask = (t.as_tensor() if isinstance(t, MetaTensor) else t for t in (targets[k] for k in keys))
+        heatmap, offset, mask = (
+            (t.as_tensor() if isinstance(t, MetaTensor) else t).float() for t in (targets[k] for k in keys)
+        )
         if heatmap.ndim != 4 or tuple(heatmap.shape[:2]) != (batch, c):
             raise ValueError(f"{keys[0]} must be (B={batch}, C={c}, H, W), got {tuple(heatmap.shape)}")
         expected = (batch, 2 * c, *heatmap.shape[-2:])

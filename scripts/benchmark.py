@@ -7,6 +7,7 @@ and forward time (``fraction_of_peak``), one study's end-to-end time from DICOM 
 inference (fresh subprocess) and the time and memory of one training step per sample for the fused and
 the plain PAM (fresh subprocesses at batches 2 and 3: the third sample's extra peak is a sample's memory).
 With ``--device cuda``: model time per exam at batches 1 and 16 and GPU training memory instead.
+The ``precision`` section (``scripts/bench_precision.py``; ``--no-precision`` skips it) compares fp32 with bf16.
 docs/performance.md explains the keys and records results.
 
 Examples (from the repository root):
@@ -32,6 +33,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
+sys.path.insert(0, str(ROOT / "scripts"))  # and the precision section, also when imported from a file path
 
 import torch  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
@@ -39,6 +41,8 @@ from bundle.losses import SpineOneLoss  # noqa: E402
 from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
 from bundle.streams import RSNA_STREAMS  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
+
+from scripts.bench_precision import precision_report  # noqa: E402
 
 STREAMS = RSNA_STREAMS  # one stream (disc), 3 severities
 INFERENCE_CONFIG = ROOT / "configs" / "inference.json"
@@ -191,13 +195,15 @@ def _timed(transform: Callable, name: str, seconds: dict[str, float]) -> Callabl
     return run
 
 
-def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool):
-    """configs/inference.json's evaluator (input ``size``, ResNet-``depth``, an untrained checkpoint) on ``data_dir``."""
+def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool, precision: str):
+    """configs/inference.json's evaluator (input ``size``, ResNet-``depth``, ``precision``, an untrained checkpoint)
+    on ``data_dir``."""
     from monai.bundle import ConfigParser
 
     parser, ckpt_dir = ConfigParser(), out_dir.parent / "models"
     parser.read_config(str(INFERENCE_CONFIG))
     parser.update(dict(input_size=size, backbone_depth=depth, dataset_dir=str(data_dir), num_workers=0))
+    parser.update({"precision": precision})
     parser.update({"output_dir": str(out_dir), "ckpt_dir": str(ckpt_dir), "device": "$torch.device('cpu')"})
     for handler in parser["handlers"]:
         if handler["_target_"] == "bundle.InferenceOptimizer":
@@ -209,7 +215,9 @@ def _configured_evaluator(size: int, depth: int, data_dir: Path, out_dir: Path, 
     return parser.get_parsed_content("evaluator")
 
 
-def end_to_end_once(size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool) -> dict:
+def end_to_end_once(
+    size: int, depth: int, data_dir: Path, out_dir: Path, channels_last: bool, precision: str = "fp32"
+) -> dict:
     """One study from DICOM folder to keypoints.json + overlay.png through the configured evaluator, seconds per
     part: load (the loader transform), preprocess (the other transforms), network (prepare_batch + forward),
     decode (decollation + postprocessing), write (the writers); start_seconds (checkpoint, BatchNorm folding)
@@ -218,7 +226,7 @@ def end_to_end_once(size: int, depth: int, data_dir: Path, out_dir: Path, channe
     from monai.engines.utils import IterationEvents
     from monai.transforms import Compose
 
-    evaluator = _configured_evaluator(size, depth, data_dir, out_dir, channels_last)
+    evaluator = _configured_evaluator(size, depth, data_dir, out_dir, channels_last, precision)
     seconds, stamps, dataset = {"load": 0.0, "preprocess": 0.0}, {}, evaluator.data_loader.dataset
     first, *rest = dataset.transform.transforms
     dataset.transform = Compose([_timed(first, "load", seconds), _timed(Compose(rest), "preprocess", seconds)])
@@ -527,6 +535,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for key in ("end_to_end_seconds", "load_seconds", "preprocess_seconds", "decode_seconds", "write_seconds"):
             result[key] = best[key]
         result["end_to_end_network_seconds"] = best["network_seconds"]
+        if not args.no_precision:  # issue 14: fp32 against bf16, end to end with precision "auto"
+            e2e = partial(end_to_end_once, args.size, args.depth, data_dir, Path(tmp) / "out", channels_last, "auto")
+            result["precision"] = precision_report(args, net, x, computed / 1e9, e2e, synthetic_targets)
         del net
         commands = {"inference": _child_command(args, "--child", "inference", "--data-dir", str(data_dir))}
         if not args.no_train:
@@ -588,6 +599,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --device cuda: batches for the model time per exam (default 1 16)",
     )
     p.add_argument("--no-channels-last", action="store_true", help="run inference in NCHW instead of channels_last")
+    p.add_argument("--no-precision", action="store_true", help="skip the fp32-against-bf16 section")
+    p.add_argument(
+        "--no-precision-train",
+        action="store_true",
+        help="skip the precision section's training steps (demo settings); --no-train does not skip them",
+    )
+    p.add_argument(
+        "--clock",
+        default="wall",
+        choices=("wall", "process"),
+        help="clock of the precision section: wall, or process CPU time (use with --threads 1 on a busy machine)",
+    )
     p.add_argument("--seed", type=int, default=0, help="phantom seed")
     p.add_argument("--child", choices=("inference", "train"), help=argparse.SUPPRESS)
     p.add_argument("--impl", default="fused", help=argparse.SUPPRESS)
@@ -621,24 +644,20 @@ def main(argv: list[str] | None = None) -> None:
         return
     result = run(args)
     out = Path(args.out)
-    atomic_write_text(out, json.dumps(result, indent=2))
-    print(
-        json.dumps(
-            {
-                k: result[k]
-                for k in (
-                    "matmul_gflops",
-                    "network_gflop",
-                    "network_seconds",
-                    "fraction_of_peak",
-                    "end_to_end_seconds",
-                    "peak_rss_mb",
-                )
-                if k in result
-            },
-            indent=2,
-        )
+    atomic_write_text(out, json.dumps(result, indent=4) + "\n")
+    keys = (
+        "matmul_gflops",
+        "network_gflop",
+        "network_seconds",
+        "fraction_of_peak",
+        "end_to_end_seconds",
+        "peak_rss_mb",
     )
+    summary = {k: result[k] for k in keys if k in result}
+    if "precision" in result:
+        keys = ("auto_precision", "bf16_speedup", "fraction_of_peak", "train_bf16_speedup")
+        summary["precision"] = {k: result["precision"].get(k) for k in keys}
+    print(json.dumps(summary, indent=2))
     print(f"written {out}")
 
 

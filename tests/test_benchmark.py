@@ -224,3 +224,57 @@ def test_parse_args_rejects_bad_sizes():
         bench.parse_args(["--size", "64"])  # --out missing
     args = bench.parse_args(["--out", "x.json", "--size", "64", "--quick"])
     assert args.repeats == 1 and args.train_size == 64 and args.matmul_n == 512
+
+
+def test_report_precision_section(report):
+    """fp32 and bf16 rates, network and part times, the speed-up, fraction_of_peak against the precision
+    "auto" picked, end to end through AutocastInferer("auto") and the demo-setting training steps."""
+    prec = report["precision"]
+    names = ["fp32", "bf16"] if prec["bf16_supported"] else ["fp32"]
+    assert prec["auto_precision"] in names
+    for name in names:
+        for key in ("matmul_gflops", "conv3x3_gflops", "network_seconds", "fraction_of_peak"):
+            assert _positive(prec[f"{key}_{name}"]), (key, name)
+        parts = prec[f"parts_seconds_{name}"]
+        assert set(parts) == {"network", "backbone", "aspp", "decoder", "pam", "cam", "head_convs"}
+        assert all(_positive(v) for v in parts.values())
+        assert prec[f"fraction_of_peak_{name}"] == pytest.approx(
+            report["network_gflop"] / prec[f"network_seconds_{name}"] / prec[f"matmul_gflops_{name}"]
+        )
+        assert _positive(prec["train_step_seconds"][name])
+    assert prec["fraction_of_peak"] == prec[f"fraction_of_peak_{prec['auto_precision']}"]
+    if prec["bf16_supported"]:
+        assert prec["bf16_speedup"] == pytest.approx(prec["network_seconds_fp32"] / prec["network_seconds_bf16"])
+        assert prec["train_bf16_speedup"] == pytest.approx(
+            prec["train_step_seconds"]["fp32"] / prec["train_step_seconds"]["bf16"]
+        )
+    else:
+        assert "bf16_skipped" in prec and "network_seconds_bf16" not in prec
+    e2e = prec["end_to_end_auto"]
+    assert 0 <= e2e["num_keypoints"] <= 5 and e2e["end_to_end_over_network"] > 1  # untrained: levels may be absent
+    assert prec["train_settings"] == {"depth": 18, "crop": [64, 64], "batch": 2}  # --quick: the demo net at --size
+
+
+def test_precision_report_skips_bf16_without_cpu_support(monkeypatch):
+    bench = _load_script()
+    import bench_precision as bp  # importable once the benchmark script is loaded
+    from bundle import precision
+
+    precision._auto_cpu.cache_clear()
+    monkeypatch.setattr(precision, "_logged", set())
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
+    monkeypatch.setattr(bp, "cpu_bf16_support", precision.cpu_bf16_support)
+    try:
+        args = bench.parse_args(["--out", "x.json", "--size", "32", "--depth", "18", "--quick", "--no-precision-train"])
+        from bundle.networks import SpineOne
+        from bundle.streams import RSNA_STREAMS
+
+        net = SpineOne(RSNA_STREAMS, backbone_depth=18).eval()
+        fake = {"network_seconds": 1.0, "decode_seconds": 0.01, "end_to_end_seconds": 1.2}
+        rep = bp.precision_report(args, net, torch.randn(1, 7, 32, 32), 1.0, lambda: dict(fake), None)
+    finally:
+        precision._auto_cpu.cache_clear()
+    assert rep["bf16_supported"] is False and rep["auto_precision"] == "fp32" and "bf16_skipped" in rep
+    assert not any(key.endswith("_bf16") for key in rep) and "bf16_speedup" not in rep
+    assert rep["fraction_of_peak"] == rep["fraction_of_peak_fp32"]
+    assert rep["end_to_end_auto"]["end_to_end_over_network"] == pytest.approx(1.2)

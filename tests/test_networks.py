@@ -385,3 +385,52 @@ def test_scripted_equals_eager():
     torch.testing.assert_close(script_out, eager, atol=1e-4, rtol=1e-4)
     with pytest.raises(Exception, match="multiples of 16"):
         scripted(torch.randn(1, 7, 48, 40))
+
+
+# ---------------------------------------------------------------- attention under bfloat16
+
+
+def test_blocked_attention_in_float32_equals_plain_softmax_attention():
+    """Blocks of queries (also a ragged last block) give exactly the one-shot softmax(q k^T) v."""
+    from bundle.networks.attention import blocked_attention
+
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(2, 70, c, generator=gen) for c in (4, 4, 32))
+    ref = torch.bmm(torch.softmax(torch.bmm(q, k.transpose(1, 2)), dim=-1), v)
+    for block in (1, 16, 64, 70, 128):
+        torch.testing.assert_close(blocked_attention(q, k, v, torch.float32, block), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_pam_under_bf16_autocast_runs_blocked_and_stays_close_to_fp32():
+    """Under CPU bf16 autocast without gradients the fused PAM uses the blocked attention (no flash kernel, no
+    N x N matrix); it stays as close to the float32 plain PAM as the flash kernel's own bf16 path, which
+    gradient mode keeps. (Most of the difference is the bf16 rounding of q, k and v by the 1x1 convolutions.)"""
+    plain = _randomise(PositionAttention(64, "plain"), seed=6, gamma=1.1)
+    fused = PositionAttention(64, "fused")
+    fused.load_state_dict(plain.state_dict())
+    # bfloat16 input, as the decoder hands it over under autocast; the reference sees the same values
+    x = (0.3 * torch.randn(1, 64, 24, 20)).bfloat16().contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = plain(x.float())
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            got = fused(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" not in ops and "aten::bmm" in ops
+    assert got.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+        flash = fused(x)
+        flash.float().sum().backward()
+    assert "aten::_scaled_dot_product_flash_attention_for_cpu" in {event.key for event in prof.key_averages()}
+    err, err_flash = float((got.float() - ref).abs().max()), float((flash.detach().float() - ref).abs().max())
+    assert err < 0.05 * float(ref.std()) and err <= 1.5 * err_flash + 1e-3, (err, err_flash)
+
+
+def test_cam_stays_float32_under_bf16_autocast():
+    cam = ChannelAttention()
+    with torch.no_grad():
+        cam.gamma.fill_(0.6)
+    x = torch.randn(2, 8, 6, 5)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cam(x.bfloat16())
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, cam(x.bfloat16().float()), atol=1e-6, rtol=1e-6)

@@ -51,7 +51,8 @@ def fuse_for_inference(model: nn.Module, inplace: bool = False) -> nn.Module:
 
     Example:
         >>> from bundle.networks import SpineOne
-        >>> net = SpineOne({"disc": 3}, backbone_depth=18).eval()
+        >>> from bundle.streams import RSNA_STREAMS
+        >>> net = SpineOne(RSNA_STREAMS, backbone_depth=18).eval()
         >>> fused = fuse_for_inference(net)
         >>> sum(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
         0

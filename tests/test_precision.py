@@ -1,0 +1,186 @@
+"""bundle.precision: the precision names, the "auto" choice (CPU flags + cached probe), AutocastInferer, and
+the configs' precision keys; the loss stays float32 under autocast."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from bundle import precision as P
+from bundle.losses import SpineOneLoss
+from bundle.precision import AutocastInferer, cpu_bf16_support, resolve_precision
+from bundle.streams import RSNA_STREAMS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def fresh_auto(monkeypatch):
+    """Forget the cached "auto" choice and the log-once record before and after the test."""
+    P._auto_cpu.cache_clear()
+    monkeypatch.setattr(P, "_logged", set())
+    yield
+    P._auto_cpu.cache_clear()
+
+
+def test_explicit_precisions():
+    assert resolve_precision("fp32", "cpu") is None
+    assert resolve_precision("bf16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="fp16.*CUDA"):
+        resolve_precision("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision("float16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        AutocastInferer("half")
+
+
+def test_cpu_flag_comes_from_torch_public_capabilities():
+    caps = torch.cpu.get_capabilities()
+    flag = cpu_bf16_support()
+    assert flag is None or caps[flag] is True
+    if flag is None:
+        assert not any(caps.get(f) is True for f in P.BF16_CPU_FLAGS)
+
+
+def test_auto_without_bf16_flags_is_fp32_without_probing(monkeypatch, fresh_auto, caplog):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "avx512_bf16": False})
+    monkeypatch.setattr(P, "bf16_probe", lambda: pytest.fail("probe must not run without bf16 instructions"))
+    with caplog.at_level(logging.INFO, logger="bundle.precision"):
+        assert resolve_precision("auto", "cpu") is None
+        assert resolve_precision("auto", "cpu") is None
+    lines = [r.getMessage() for r in caplog.records if "precision on cpu" in r.getMessage()]
+    assert lines == ["precision on cpu: fp32 (auto: the CPU reports no bfloat16 matrix instructions)"]
+
+
+@pytest.mark.parametrize("speedup, expected", [(2.0, torch.bfloat16), (1.05, None), (0.3, None)])
+def test_auto_follows_the_probe_once_per_process(monkeypatch, fresh_auto, speedup, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"amx_bf16": True})
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return {"fp32_seconds": speedup * 1e-3, "bf16_seconds": 1e-3, "speedup": speedup}
+
+    monkeypatch.setattr(P, "bf16_probe", probe)
+    assert resolve_precision("auto", "cpu") == expected
+    assert AutocastInferer("auto").dtype_for("cpu") == expected
+    assert len(calls) == 1  # cached: later calls (and other inferers) reuse the first answer
+
+
+def test_probe_measures_both_precisions():
+    probe = P.bf16_probe(n=64, side=8, channels=16, repeats=1)
+    assert probe["fp32_seconds"] > 0 and probe["bf16_seconds"] > 0
+    assert probe["speedup"] == pytest.approx(probe["fp32_seconds"] / probe["bf16_seconds"])
+
+
+class _Recorder(torch.nn.Module):
+    """A 1x1 convolution that records the dtype it computed in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 1)
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        y = self.conv(x)
+        self.seen.append(y.dtype)
+        return {"pred": y, "index": torch.arange(2)}
+
+
+@pytest.mark.parametrize("name, inside", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_autocast_inferer_runs_the_network_at_precision_and_returns_float32(name, inside):
+    net = _Recorder()
+    x = torch.randn(2, 3, 5, 5)
+    out = AutocastInferer(name)(x, net)
+    assert net.seen == [inside]
+    assert out["pred"].dtype == torch.float32 and out["index"].dtype == torch.int64
+    torch.testing.assert_close(out["pred"], net.conv(x), atol=0.05, rtol=0.02)
+
+
+def test_autocast_inferer_trains_with_float32_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Conv2d(3, 9, 3, padding=1)
+    pred = AutocastInferer("bf16")(torch.randn(2, 3, 8, 8), net)
+    pred.square().mean().backward()
+    assert net.weight.grad is not None and net.weight.grad.dtype == torch.float32
+    assert float(net.weight.grad.abs().sum()) > 0
+
+
+def test_loss_is_float32_under_autocast_and_for_bf16_predictions():
+    torch.manual_seed(0)
+    loss = SpineOneLoss(RSNA_STREAMS, oa_enabled=True)
+    pred = torch.randn(2, 9, 4, 4)
+    targets = {
+        "disc_heatmap": (torch.rand(2, 3, 8, 8) > 0.8).float(),
+        "disc_offset": torch.randn(2, 6, 8, 8),
+        "disc_offset_mask": (torch.rand(2, 6, 8, 8) > 0.5).float(),
+    }
+    ref_total, ref_parts = loss.loss_parts(pred.bfloat16().float(), targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        total, parts = loss.loss_parts(pred.bfloat16(), targets)
+        assert loss(pred.bfloat16(), targets).dtype == torch.float32  # the trainer's call, a scalar tensor
+    assert total.dtype == torch.float32 and all(p.dtype == torch.float32 for p in parts.values())
+    torch.testing.assert_close(total, ref_total)
+    for key in ref_parts:
+        torch.testing.assert_close(parts[key], ref_parts[key])
+
+
+def test_configs_name_the_precision_and_wrap_their_inferers():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "inference.json"))
+    assert parser["precision"] == "auto"
+    inferer = parser.get_parsed_content("inferer")
+    assert isinstance(inferer, AutocastInferer) and inferer.precision == "auto"
+    parser = ConfigParser()
+    parser.read_config([str(ROOT / "configs" / f) for f in ("train.json", "demo.json")])
+    parser["precision"] = "fp32"
+    parser["train_precision"] = "bf16"
+    assert parser.get_parsed_content("train#inferer").precision == "bf16"
+    assert parser.get_parsed_content("validate#inferer").precision == "fp32"
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    assert parser["train_precision"] == "@precision"  # training follows `precision` unless set apart
+
+
+def test_probe_restores_the_thread_count():
+    threads = torch.get_num_threads()
+    P.bf16_probe(n=32, side=4, channels=8, repeats=1)
+    assert torch.get_num_threads() == threads
+
+
+def _fake_evaluation(folder: Path, points: list[tuple[str, int, list[float]]], f1: float) -> Path:
+    import json
+
+    (folder / "predictions" / "s1").mkdir(parents=True)
+    keypoints = [
+        {"stream": "disc", "level": level, "label_index": label, "position_mm": mm} for level, label, mm in points
+    ]
+    (folder / "predictions" / "s1" / "keypoints.json").write_text(
+        json.dumps({"study_id": "s1", "keypoints": keypoints})
+    )
+    metrics = {"streams": {"disc": {"pck": {"6": 1.0}, "macro_f1": f1}}, "rsna": {"score": 0.1}}
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    return folder
+
+
+def test_compare_precision_script(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_precision", ROOT / "scripts" / "compare_precision.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    a = _fake_evaluation(tmp_path / "a", [("L1/L2", 0, [0.0, 0.0, 0.0]), ("L2/L3", 1, [0.0, 0.0, 10.0])], 0.9)
+    b = _fake_evaluation(tmp_path / "b", [("L1/L2", 0, [0.0, 0.3, 0.4]), ("L3/L4", 1, [0.0, 0.0, 20.0])], 0.91)
+    result = module.compare(a, b)
+    assert result["only_in_one"] == 2 and result["same_level_and_class_fraction"] == pytest.approx(1 / 3)
+    assert result["max_position_difference_mm"] == pytest.approx(0.5)
+    assert result["metric_differences"]["disc_macro_f1"] == pytest.approx(0.01)
+    assert result["criterion_met"] == {
+        "same_level_and_class_ge_0.99": False,
+        "positions_within_0.5_mm": True,
+        "metrics_within_0.005": False,
+    }
