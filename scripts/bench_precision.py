@@ -21,7 +21,9 @@ from typing import Any
 import torch
 from bundle.losses import SpineOneLoss
 from bundle.networks import SpineOne
-from bundle.precision import AutocastInferer, bf16_probe, cpu_bf16_support, precision_name, resolve_precision
+from bundle.precision import AutocastInferer
+from bundle.precision import best_seconds as precision_best_seconds
+from bundle.precision import bf16_probe, cpu_bf16_support, precision_name, resolve_precision
 from bundle.streams import RSNA_STREAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,13 +33,7 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": 
 def best_seconds(fn: Callable[[], Any], repeats: int, clock: str = "wall") -> float:
     """Smallest time of ``repeats`` calls of ``fn`` on ``clock`` ("wall" or "process": CPU time of this
     process, all threads; with one thread it leaves out time the process waited for a core)."""
-    now = CLOCKS[clock]
-    best = float("inf")
-    for _ in range(repeats):
-        start = now()
-        fn()
-        best = min(best, now() - start)
-    return best
+    return precision_best_seconds(fn, repeats, CLOCKS[clock])
 
 
 def _autocast(dtype: torch.dtype | None):

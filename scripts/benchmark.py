@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
 from bundle.losses import SpineOneLoss  # noqa: E402
 from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
+from bundle.precision import best_seconds  # noqa: E402
 from bundle.streams import RSNA_STREAMS  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
 
@@ -52,14 +53,7 @@ TRAIN_BATCHES = (2, 3)
 PAM_IMPLS = ("fused", "plain")
 
 
-def _best(fn: Callable[[], Any], repeats: int) -> float:
-    """Smallest wall time (s) of ``repeats`` calls of ``fn``."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+_best = best_seconds  # smallest wall time (s) of ``repeats`` calls of ``fn``
 
 
 def _ratio(numerator: float, denominator: float) -> float:

@@ -146,10 +146,13 @@ def test_configs_name_the_precision_and_wrap_their_inferers():
     assert parser["train_precision"] == "@precision"  # training follows `precision` unless set apart
 
 
-def test_probe_restores_the_thread_count():
-    threads = torch.get_num_threads()
-    P.bf16_probe(n=32, side=4, channels=8, repeats=1)
-    assert torch.get_num_threads() == threads
+def test_probe_never_changes_the_thread_count(monkeypatch):
+    def refuse(n: int) -> None:  # process-wide state: a server's concurrent requests share it
+        raise AssertionError(f"torch.set_num_threads({n}) called by the probe")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    probe = P.bf16_probe(n=32, side=4, channels=8, repeats=1)
+    assert probe["fp32_seconds"] > 0 and probe["bf16_seconds"] > 0
 
 
 def _fake_evaluation(folder: Path, points: list[tuple[str, int, list[float]]], f1: float) -> Path:
