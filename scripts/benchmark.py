@@ -36,14 +36,13 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: make `bundle` importable
 sys.path.insert(0, str(ROOT / "scripts"))  # and the precision section, also when imported from a file path
 
 import torch  # noqa: E402
+from bench_precision import precision_report  # noqa: E402
 from bundle.handlers import atomic_write_text  # noqa: E402
 from bundle.losses import SpineOneLoss  # noqa: E402
 from bundle.networks import PositionAttention, SpineOne, fuse_for_inference  # noqa: E402
 from bundle.precision import best_seconds  # noqa: E402
 from bundle.streams import RSNA_STREAMS  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
-
-from scripts.bench_precision import precision_report  # noqa: E402
 
 STREAMS = RSNA_STREAMS  # one stream (disc), 3 severities
 INFERENCE_CONFIG = ROOT / "configs" / "inference.json"
