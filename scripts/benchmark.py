@@ -244,13 +244,16 @@ def end_to_end_once(
     }
 
 
-def synthetic_targets(batch: int, size: int, classes: int = 3, levels: int = 5, radius: float = 6.0) -> dict:
-    """Loss targets (``codec.encode``) on the stride-1 grid: ``levels`` disks along the middle column."""
-    from bundle.codec import OCPCCodec
-    from bundle.streams import StreamSpec
+def synthetic_targets(batch: int, size: int) -> dict:
+    """Loss targets (``codec.encode`` of configs/train.json's codec: the RSNA stream, its radius and target
+    stride) on a ``size`` x ``size`` image: one disk per level along the middle column, classes cycling."""
+    from monai.bundle import ConfigParser
 
-    spec = StreamSpec("disc", tuple(f"l{i}" for i in range(levels)), tuple(f"c{i}" for i in range(classes)))
-    codec = OCPCCodec([spec], radius=radius, target_stride=1, network_stride=4)
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    codec = parser.get_parsed_content("codec")
+    (spec,) = codec.streams
+    levels, classes = spec.num_levels, spec.num_classes
     mm = torch.tensor([[(level + 1) * size / (levels + 1), size / 2.0, 0.0] for level in range(levels)])  # identity
     items = [
         codec.encode({"disc": mm}, {"disc": (b + torch.arange(levels)) % classes}, torch.eye(4), (size, size))
