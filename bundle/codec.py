@@ -287,15 +287,6 @@ class OCPCCodec:
         """Network output (B, sum 3C, h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w))}``."""
         return split_output(output, self.channels)
 
-    # ---- geometry
-    def mm_to_target(self, points_mm, affine) -> torch.Tensor:
-        """Patient mm (N, 3) -> target-grid pixels (N, 2) ``(x, y)``, float64."""
-        return image_to_target(mm_to_pixels(points_mm, affine), self.target_stride)
-
-    def target_to_mm(self, xy, affine) -> torch.Tensor:
-        """Target-grid pixels (N, 2) -> patient mm (N, 3) on the image plane, float64."""
-        return pixels_to_mm(target_to_image(torch.as_tensor(xy, dtype=torch.float64), self.target_stride), affine)
-
     # ---- encode
     def encode(
         self, points: Mapping[str, torch.Tensor], labels: Mapping[str, torch.Tensor], affine, image_shape: Sequence[int]
