@@ -7,6 +7,7 @@ appends its ``Restored`` transform and writes ``data["pred"]`` as the label file
 the JSON answer. The postprocessing is ``bundle.transforms.KeypointsDecoded`` (the evaluator's decode
 path, writing ``data["keypoints"]``) followed by :class:`KeypointsToLabeld`. MONAI Label has no keypoint task
 type, so the bundle is served as a segmentation-type model whose label map marks each keypoint with a small disk.
+:func:`check_image_id` is the shipped app's (scripts/monailabel_app) check of a request's image id.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from bundle.errors import MissingInputError
 from bundle.outputs import keypoint_record
 from bundle.streams import StreamSpec, parse_streams
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["KeypointsToLabeld", "label_values"]
+__all__ = ["KeypointsToLabeld", "check_image_id", "label_values"]
 
 # LPS <-> RAS: MONAI Label's writer takes a RAS affine (it flips the first two axes for ITK itself).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -40,6 +42,26 @@ def label_values(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[
             values[f"{spec.name}/{level}"] = value
             value += 1
     return values
+
+
+def check_image_id(image_id: str, images: Sequence[str], datastore: str, shown: int = 5) -> None:
+    """Refuse an image id that is not among the datastore's ``images`` with MissingInputError (HTTP 404) naming it,
+    the datastore (its studies path or URL) and its first ``shown`` image ids (sorted).
+
+    Example:
+        >>> check_image_id("no_such_id", ["b", "a"], "/data/studies")
+        Traceback (most recent call last):
+        bundle.errors.MissingInputError: image 'no_such_id' is not in the datastore /data/studies; its images are: a, b
+    """
+    if image_id in images:
+        return
+    listed = sorted(images)
+    if listed:
+        more = f" (first {shown} of {len(listed)})" if len(listed) > shown else ""
+        held = f"its images are: {', '.join(listed[:shown])}{more}"
+    else:
+        held = "it holds no images (a studies folder of series folders needs MONAI_LABEL_DATASTORE_FILE_EXT='[\"*.series\"]')"
+    raise MissingInputError(f"image {image_id!r} is not in the datastore {datastore}; {held}")
 
 
 class KeypointsToLabeld(MapTransform):

@@ -1,4 +1,5 @@
-"""MONAI Label postprocessing (default run) and a real MONAI Label 0.8.5 server (opt-in, marker ``monailabel``).
+"""MONAI Label postprocessing and image-id check (default run) and a real MONAI Label 0.8.5 server (opt-in, marker
+``monailabel``) with the shipped app (scripts/monailabel_app) and with MONAI Label's ``monaibundle`` sample app.
 
 The server tests run the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
 have requirements-monailabel.txt installed; pytest itself runs in the bundle's environment (requirements-dev.txt)
@@ -23,7 +24,8 @@ import numpy as np
 import pytest
 import torch
 from bundle.codec import OCPCCodec
-from bundle.monailabel import KeypointsToLabeld, label_values
+from bundle.errors import MissingInputError
+from bundle.monailabel import KeypointsToLabeld, check_image_id, label_values
 from bundle.transforms import KeypointsDecoded
 from monai.data import MetaTensor
 from monai.transforms import Compose
@@ -125,6 +127,20 @@ def test_keypoints_to_label_rejects_bad_input():
         decode({"image": image, "pred": torch.zeros(1, 9, 2, 2)})
 
 
+def test_check_image_id_names_the_missing_image():
+    check_image_id("b", ["a", "b"], "/studies")  # known: no error
+    with pytest.raises(MissingInputError) as error:
+        check_image_id("no_such_id", [f"s{i}" for i in range(7, 0, -1)], "/data/studies")
+    assert error.value.status_code == 404
+    assert str(error.value) == (
+        "image 'no_such_id' is not in the datastore /data/studies; its images are: s1, s2, s3, s4, s5 (first 5 of 7)"
+    )
+    with pytest.raises(MissingInputError, match=r"image '' is not in the datastore /s; its images are: a$"):
+        check_image_id("", ["a"], "/s")
+    with pytest.raises(MissingInputError, match=r"'x' is not in the datastore /s; it holds no images .*\*\.series"):
+        check_image_id("x", [], "/s")
+
+
 # ---------------------------------------------------------------- MONAI Label server (opt-in)
 
 SERVER_WAIT_S = 240  # bounded start-up wait (about 30-60 s on 2 CPU cores)
@@ -188,18 +204,26 @@ def _phantom_studies(tmp_path: Path) -> tuple[Path, Path]:
     return studies, series
 
 
-class _Server:
-    """``monailabel start_server`` on a free port of 127.0.0.1 serving ``app/model/spineone``; log in ``log``."""
+def _packaged_app(copy: Path, *extra: str) -> Path:
+    """The shipped app of a bundle copy packaged into ``copy`` (it serves that copy)."""
+    _package(copy, *extra)
+    return copy / "scripts" / "monailabel_app"
 
-    def __init__(self, app: Path, studies: Path, log: Path) -> None:
+
+class _Server:
+    """``monailabel start_server`` on a free port of 127.0.0.1 serving the model ``spineone``; log in ``log``.
+
+    ``app`` is the shipped app (serving its own bundle copy, as docs/README.md starts it) or, with
+    ``monaibundle``, MONAI Label's sample app serving ``app/model/spineone``."""
+
+    def __init__(self, app: Path, studies: Path, log: Path, monaibundle: bool = False) -> None:
         self.base = f"http://127.0.0.1:{_free_port()}"
         self.log_path = log
-        env = {
-            **os.environ,
-            "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]',
-            "PYTHONPATH": str(app / "model" / "spineone"),
-        }
-        conf = ["models", "spineone", "zoo_source", "local", "sam2", "false", "skip_trainers", "true"]
+        env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]'}
+        conf = ["models", "spineone"]
+        if monaibundle:
+            env["PYTHONPATH"] = str(app / "model" / "spineone")
+            conf += ["zoo_source", "local", "sam2", "false", "skip_trainers", "true"]
         cmd = [_python(), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies)]
         for key, value in zip(conf[::2], conf[1::2]):
             cmd += ["--conf", key, value]
@@ -240,9 +264,8 @@ def test_monailabel_server_infers_keypoints(tmp_path):
     import nibabel as nib
     from bundle.io import load_sagittal_series
 
-    app = _monaibundle_app(tmp_path / "apps")
-    model_dir = app / "model" / "spineone"
-    _package(model_dir, "--no-weights")
+    model_dir = tmp_path / "spineone"
+    app = _packaged_app(model_dir, "--no-weights")
     # small network so that CPU inference takes seconds; random weights (the server loads models/model.pt)
     config_path = model_dir / "configs" / "inference.json"
     config = json.loads(config_path.read_text())
@@ -258,12 +281,12 @@ def test_monailabel_server_infers_keypoints(tmp_path):
         assert info is not None, server.log()[-4000:]
         assert "spineone" in info["models"], info["models"].keys()
 
-        # an unknown image id: MONAI Label passes an empty path; the answer is an HTTP error, never a result
+        # an unknown image id: HTTP 404 naming it and the datastore's images, never a result
         with pytest.raises(urllib.error.HTTPError) as error:
             _request(f"{base}/infer/spineone?image=no_such_study&output=json", "POST")
         assert error.value.code == 404
         detail = json.loads(error.value.read())["detail"]
-        assert "empty series path" in detail and "requested image id is not in its datastore" in detail
+        assert detail == f"image 'no_such_study' is not in the datastore {studies.resolve()}; its images are: phantom"
         assert not (studies / "labels").exists() or not any((studies / "labels").rglob("no_such_study*"))
 
         result = json.loads(_request(f"{base}/infer/spineone?image=phantom&output=json", "POST"))
@@ -303,9 +326,8 @@ def test_monailabel_server_infers_keypoints(tmp_path):
 
 @pytest.mark.monailabel
 def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
-    app = _monaibundle_app(tmp_path / "apps")
-    model_dir = app / "model" / "spineone"
-    _package(model_dir, "--no-weights")  # inference.json as shipped: ResNet-50
+    model_dir = tmp_path / "spineone"
+    app = _packaged_app(model_dir, "--no-weights")  # inference.json as shipped: ResNet-50
     _random_weights(model_dir / "models" / "model.pt", depth=18)  # the demo's ResNet-18 weights
     studies, _ = _phantom_studies(tmp_path)
     server = _Server(app, studies, tmp_path / "server.log")
@@ -325,8 +347,9 @@ def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
 
 @pytest.mark.monailabel
 def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
-    """``package_bundle.py --demo`` then start_server, no edits: the demo's weights (trained ones when
-    models/demo/model.pt exists, else demo-shaped random ones in a bundle copy) answer /infer with 5 levels."""
+    """``package_bundle.py --demo`` into MONAI Label's ``monaibundle`` app (the documented alternative), then
+    start_server, no edits: the demo's weights (trained ones when models/demo/model.pt exists, else demo-shaped
+    random ones in a bundle copy) answer /infer with 5 levels; an unknown image id gets 404 without its name."""
     src = ROOT
     if not (ROOT / "models" / "demo" / "model.pt").is_file():
         src = tmp_path / "src"
@@ -336,11 +359,18 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
     app = _monaibundle_app(tmp_path / "apps")
     _package(app / "model" / "spineone", "--demo", src=src)
     studies, _ = _phantom_studies(tmp_path)
-    server = _Server(app, studies, tmp_path / "server.log")
+    server = _Server(app, studies, tmp_path / "server.log", monaibundle=True)
     try:
         info = server.wait_info()
         assert info is not None and "spineone" in info["models"], server.log()[-4000:]
         result = json.loads(_request(f"{server.base}/infer/spineone?image=phantom&output=json", "POST"))
         assert sorted(p["level"] for p in result["keypoints"]) == STREAMS["disc"]["levels"]
+        # the sample app hands the bundle an empty path for an unknown id: the loader's 404, which cannot name it
+        with pytest.raises(urllib.error.HTTPError) as error:
+            _request(f"{server.base}/infer/spineone?image=no_such_study&output=json", "POST")
+        assert error.value.code == 404
+        detail = json.loads(error.value.read())["detail"]
+        assert "empty series path" in detail and "requested image id is not in its datastore" in detail
+        assert not (studies / "labels").exists() or not any((studies / "labels").rglob("no_such_study*"))
     finally:
         server.stop()
