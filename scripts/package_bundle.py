@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Write a clean MONAI model-zoo copy of this bundle into an empty folder.
 
-Copies configs/, docs/ (without docs/dev/), the ``bundle`` package, scripts/, LICENSE, README.md,
+Copies configs/, docs/ (without docs/dev/), the ``bundle`` package, scripts/ (with the MONAI Label app
+scripts/monailabel_app, which serves the copy it is in; not the folders a server made there), LICENSE, README.md,
 requirements*.txt and models/README.md; no tests, data, outputs, caches, virtual environments or the
 repository's own format settings (setup.cfg, pyproject.toml: the zoo's apply inside the zoo).
 
@@ -40,6 +41,8 @@ MAX_SHIPPED_BYTES = 25 * 1024 * 1024  # the zoo's limit for one file kept in its
 COPIED_DIRS = ("configs", "docs", "bundle", "scripts")
 COPIED_FILES = ("LICENSE", "README.md", "models/README.md")
 IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".ipynb_checkpoints", ".DS_Store", "dev")
+APP_DIR = "monailabel_app"  # scripts/monailabel_app: the MONAI Label app, shipped (it serves the copy it is in)
+APP_RUNTIME_DIRS = ("bin", "lib", "logs", "model")  # made beside its main.py by MONAI Label's start_server
 HASH_TYPES = ("md5", "sha1", "sha256", "sha512")  # what the zoo's download step accepts
 # reserved names that never resolve to published weights (RFC 2606 / 6761)
 PLACEHOLDER_HOSTS = ("example.com", "example.net", "example.org", "localhost")
@@ -117,11 +120,17 @@ def write_demo_overrides(src: Path, out: Path) -> dict[str, object]:
     return overrides
 
 
+def _ignored(folder: str, names: list[str]) -> set[str]:
+    """IGNORED's names, plus the folders (and logs) a MONAI Label server left in the app's folder."""
+    runtime = APP_RUNTIME_DIRS if Path(folder).name == APP_DIR else ()
+    return set(IGNORED(folder, names)) | {name for name in names if name in runtime}
+
+
 def _copy_sources(src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for name in COPIED_DIRS:
         if (src / name).is_dir():
-            shutil.copytree(src / name, out / name, ignore=IGNORED)
+            shutil.copytree(src / name, out / name, ignore=_ignored)
     for name in COPIED_FILES + tuple(p.name for p in sorted(src.glob("requirements*.txt"))):
         if (src / name).is_file():
             (out / name).parent.mkdir(parents=True, exist_ok=True)

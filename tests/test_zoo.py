@@ -137,6 +137,10 @@ def _run_packager(*args: str) -> subprocess.CompletedProcess:
 def test_package_contents_without_weights(tmp_path):
     src = tmp_path / "src"
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", "models", "data", "eval", ".venv*", "outputs"))
+    app = src / "scripts" / "monailabel_app"
+    for runtime in ("bin", "lib", "logs", "model"):  # what a MONAI Label server run makes beside its main.py
+        (app / runtime).mkdir(exist_ok=True)
+    (app / "logs" / "app.log").write_text("Infer Request: {'image': 'a_study_id'}\n")
     result = _run_packager("--src", str(src), "--out", str(tmp_path / "pkg"))
     assert result.returncode == 0, result.stderr
     assert "the copy has no weights" in result.stderr
@@ -151,8 +155,10 @@ def test_package_contents_without_weights(tmp_path):
         "requirements.txt",
         "bundle/__init__.py",
         "scripts/package_bundle.py",
+        "scripts/monailabel_app/main.py",
     ):
         assert required in files, required
+    assert not any(f.startswith("scripts/monailabel_app/") for f in set(files) - {"scripts/monailabel_app/main.py"})
     assert "large_files.yml" not in files and "models/model.pt" not in files  # never a placeholder entry
     assert not any(f.startswith(("tests/", "data/", "eval/", "outputs/", ".venv", ".git", "docs/dev/")) for f in files)
     assert not any("__pycache__" in f or f.endswith(".pyc") for f in files)
