@@ -9,6 +9,7 @@ or in MONAI Label's. From the repository root, with ``ML`` the MONAI Label envir
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -139,6 +140,18 @@ def test_check_image_id_names_the_missing_image():
         check_image_id("", ["a"], "/s")
     with pytest.raises(MissingInputError, match=r"'x' is not in the datastore /s; it holds no images .*\*\.series"):
         check_image_id("x", [], "/s")
+
+
+def test_shipped_app_is_found_by_monai_label():
+    """MONAI Label loads ``<app>/main.py`` and serves the one class whose direct base is named ``MONAILabelApp``
+    (read without importing: MONAI Label is not installed here)."""
+    tree = ast.parse((ROOT / "scripts" / "monailabel_app" / "main.py").read_text())
+    apps = [
+        n for n in tree.body if isinstance(n, ast.ClassDef) and "MONAILabelApp" in [ast.unparse(b) for b in n.bases]
+    ]
+    assert [a.name for a in apps] == ["SpineOneApp"]
+    methods = {n.name for n in apps[0].body if isinstance(n, ast.FunctionDef)}
+    assert {"init_infers", "infer"} <= methods
 
 
 # ---------------------------------------------------------------- MONAI Label server (opt-in)
@@ -279,7 +292,7 @@ def test_monailabel_server_infers_keypoints(tmp_path):
     try:
         info = server.wait_info()
         assert info is not None, server.log()[-4000:]
-        assert "spineone" in info["models"], info["models"].keys()
+        assert list(info["models"]) == ["spineone"] and not info["trainers"], (info["models"], info["trainers"])
 
         # an unknown image id: HTTP 404 naming it and the datastore's images, never a result
         with pytest.raises(urllib.error.HTTPError) as error:
