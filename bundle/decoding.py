@@ -102,15 +102,14 @@ def pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]
 
 #: most mean-shift steps of :func:`refine_peak`, and the step (target pixels) below which it has converged
 REFINE_STEPS = 16
-REFINE_TOLERANCE = 1e-5
+REFINE_TOLERANCE = 1e-4
 _REACH = 2  # the estimate stays within this many pixels of the start; the patch spans its window's reach
 
 
-def _cell_overlap(centre: float, first: int, count: int) -> np.ndarray:
-    """(count,) overlap (in [0, 1]) of the unit cells of pixels ``first .. first + count - 1`` with the
-    3-pixel window ``[centre - 1.5, centre + 1.5]``: 1 inside, fractional at its two edges."""
-    j = np.arange(first, first + count, dtype=np.float64)
-    return np.clip(np.minimum(j + 0.5, centre + 1.5) - np.maximum(j - 0.5, centre - 1.5), 0.0, 1.0)
+def _cell_overlap(centre: float, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Overlap (in [0, 1]) of the unit cells ``[lower, upper]`` (pixel -/+ 0.5) with the 3-pixel window
+    ``[centre - 1.5, centre + 1.5]``: 1 inside, fractional at its two edges, 0 outside."""
+    return np.clip(np.minimum(upper, centre + 1.5) - np.maximum(lower, centre - 1.5), 0.0, 1.0)
 
 
 def refine_peak(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
@@ -131,26 +130,27 @@ def refine_peak(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
     """
     h, w = total.shape
     half = _REACH + 2  # window half-width 1.5 around an estimate at most _REACH from the start
-    size = 2 * half + 1
-    patch = np.zeros((size, size), dtype=np.float64)
+    patch = np.zeros((2 * half + 1, 2 * half + 1), dtype=np.float64)  # (r, c) at its centre, zero off the grid
     r0, r1, c0, c1 = max(r - half, 0), min(r + half + 1, h), max(c - half, 0), min(c + half + 1, w)
     patch[r0 - r + half : r1 - r + half, c0 - c + half : c1 - c + half] = (
         total[r0:r1, c0:c1].double().clamp_min(0).numpy()
     )
-    x, y = float(c), float(r)
-    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    offsets = np.arange(-half, half + 1, dtype=np.float64)  # pixel positions relative to (r, c)
+    lower, upper = offsets - 0.5, offsets + 0.5
+    dx = dy = 0.0
     for _ in range(REFINE_STEPS):
-        weights = patch * np.outer(_cell_overlap(y, r - half, size), _cell_overlap(x, c - half, size))
-        s = float(weights.sum())
+        wx, wy = _cell_overlap(dx, lower, upper), _cell_overlap(dy, lower, upper)
+        cols, rows = wy @ patch * wx, patch @ wx * wy  # window-weighted column and row profiles
+        s = float(cols.sum())
         if s <= 0:
             break
-        nx = c + min(max(float(weights.sum(axis=0) @ offsets) / s, -_REACH), _REACH)
-        ny = r + min(max(float(weights.sum(axis=1) @ offsets) / s, -_REACH), _REACH)
-        step = max(abs(nx - x), abs(ny - y))
-        x, y = nx, ny
+        nx = min(max(float(cols @ offsets) / s, -_REACH), _REACH)
+        ny = min(max(float(rows @ offsets) / s, -_REACH), _REACH)
+        step = max(abs(nx - dx), abs(ny - dy))
+        dx, dy = nx, ny
         if step < REFINE_TOLERANCE:
             break
-    return x, y
+    return c + dx, r + dy
 
 
 def _landing_grid(p: torch.Tensor, off: torch.Tensor) -> torch.Tensor:
