@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -434,3 +435,18 @@ def test_cam_stays_float32_under_bf16_autocast():
         got = cam(x.bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, cam(x.bfloat16().float()), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl, bf16", [("plain", False), ("fused", False), ("fused", True)])
+def test_pam_attend_on_a_share_of_the_queries_equals_those_rows(impl, bf16):
+    """``attend`` on the first rows of the queries (as the precision probe times it) gives exactly those
+    columns of the full attention, on each kernel path (plain, SDPA, blocked under bf16 autocast)."""
+    pam = PositionAttention(32, impl)
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(1, 4, 90, generator=gen) for _ in range(2))
+    v = torch.randn(1, 32, 90, generator=gen)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        full, part = pam.attend(q, k, v), pam.attend(q[:, :, :20], k, v)
+    assert tuple(part.shape) == (1, 32, 20)
+    torch.testing.assert_close(part, full[:, :, :20], atol=1e-6, rtol=1e-6)
