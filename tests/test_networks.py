@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from bundle.networks import (
     ASPP,
@@ -450,3 +451,45 @@ def test_pam_attend_on_a_share_of_the_queries_equals_those_rows(impl, bf16):
         full, part = pam.attend(q, k, v), pam.attend(q[:, :, :20], k, v)
     assert tuple(part.shape) == (1, 32, 20)
     torch.testing.assert_close(part, full[:, :, :20], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dilation, shape", [(1, (2, 16, 9, 7)), (2, (1, 16, 9, 7)), (6, (2, 8, 10, 12)), (12, (1, 8, 5, 6))]
+)
+def test_atrous_gemm_equals_conv2d(dilation, shape):
+    """One product and shifted adds give F.conv2d's dilated 3 x 3 'same' convolution, also when the dilation
+    reaches past the map (taps wholly in the padding) and without a bias."""
+    from bundle.networks.deeplab import atrous_conv3x3_gemm
+
+    gen = torch.Generator().manual_seed(dilation)
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(5, shape[1], 3, 3, generator=gen), torch.randn(5, generator=gen)
+    for b in (bias, None):
+        ref = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
+        torch.testing.assert_close(atrous_conv3x3_gemm(x, weight, b, dilation), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_atrous_conv_bf16_path_and_folding():
+    """AtrousConv2d is Conv2d in float32; under CPU bf16 inference it runs the product form (no oneDNN
+    convolution) within the bf16 convolution's own error; BatchNorm folding keeps the class."""
+    from bundle.networks import fuse_for_inference
+    from bundle.networks.deeplab import ASPP, AtrousConv2d
+
+    torch.manual_seed(8)
+    conv = AtrousConv2d(32, 16, 3, padding=3, dilation=3, bias=True).eval()
+    x = torch.randn(1, 32, 14, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=3, dilation=3)
+        torch.testing.assert_close(conv(x), ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            got = conv(x)
+            plain_bf16 = F.conv2d(x, conv.weight, conv.bias, padding=3, dilation=3)
+    assert got.dtype == torch.bfloat16 and tuple(got.shape) == tuple(ref.shape)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::convolution") == 1  # the reference only
+    err, err_conv = float((got.float() - ref).abs().max()), float((plain_bf16.float() - ref).abs().max())
+    assert err <= 2.0 * err_conv + 1e-3, (err, err_conv)
+    aspp = ASPP(32, 16).eval()
+    folded = fuse_for_inference(aspp)
+    assert isinstance(folded.branches[1][0], AtrousConv2d) and isinstance(folded.branches[1][1], torch.nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), aspp(x), atol=1e-4, rtol=1e-4)
