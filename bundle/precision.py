@@ -152,40 +152,51 @@ def _attention_share(pam: torch.nn.Module, n: int, rows: int, dtype: torch.dtype
 
 
 def network_probe(
-    network: torch.nn.Module, shape: tuple[int, ...], size: int = 64, rows: int = 128, repeats: int = 2
-) -> dict[str, float]:
+    network: torch.nn.Module,
+    shape: tuple[int, ...],
+    sizes: tuple[int, int] = (64, 128),
+    rows: int = 128,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """Estimated forward seconds of ``network`` (eval mode) on a (B, C, H, W) ``shape`` input, in float32 and
-    under bfloat16 autocast, at the process's thread count (never changed): about 0.1-0.2 s for SpineOne R50.
+    under bfloat16 autocast, at the process's thread count (never changed).
 
-    The network runs on a 1 x C x ``size`` x ``size`` input (best of ``repeats`` after a warm-up); the time
-    outside its position attention modules (:class:`bundle.networks.PositionAttention`)
-    is scaled by the pixel count to H x W. The attention, whose work grows with N^2, is timed at the real N
-    (positions of its map at H x W) for ``rows`` queries and scaled by N / rows, so the estimate weighs it as
-    the full-size network does. Both are multiplied by B.
+    The network runs on 1 x C x s x s inputs for both ``sizes`` s (capped at H, W; best of ``repeats`` after a
+    warm-up). Its time outside the position attention modules (:class:`bundle.networks.PositionAttention`)
+    is fitted as a fixed cost per forward (autocast's weight casts, per-operation overheads) plus a cost per
+    pixel, and extrapolated to B x H x W pixels. The attention, whose work grows with N^2, is timed at the
+    real N (positions of its map at H x W) for ``rows`` queries and scaled by B N / rows. About 0.2-0.4 s for
+    SpineOne R50 at 640 x 640 on 2 threads (eight small forwards), once per process and model.
 
-    Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` plus the two parts
-    (``rest_*``, ``attention_*`` seconds) of each estimate.
+    Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` and the parts of each estimate
+    (``fixed_*``, ``per_pixel_*``, ``attention_*``).
     """
     b, c, h, w = shape
-    side_h, side_w = min(size, h), min(size, w)
-    scale = h * w / (side_h * side_w)
     from bundle.networks.attention import PositionAttention  # a network fact, read where it is defined
 
     pams = [m for m in network.modules() if isinstance(m, PositionAttention)]
-    x = torch.randn(1, c, side_h, side_w).contiguous(memory_format=torch.channels_last)
+    sides = sorted({(min(s, h), min(s, w)) for s in sizes})
     out: dict[str, Any] = {"probe": "network"}
     with torch.inference_mode():
         for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
             with _autocast(dtype):
-                total, spent, maps = _small_forward(network, x, pams, repeats)
+                rests, maps = [], []
+                for side in sides:
+                    x = torch.randn(1, c, *side).contiguous(memory_format=torch.channels_last)
+                    total, spent, maps = _small_forward(network, x, pams, repeats)
+                    rests.append(total - sum(spent))
+                pixels = [sh * sw for sh, sw in sides]
+                per_pixel = rests[-1] / pixels[-1]
+                if len(sides) > 1:
+                    per_pixel = max((rests[-1] - rests[0]) / (pixels[-1] - pixels[0]), 0.0)
+                fixed = max(rests[-1] - per_pixel * pixels[-1], 0.0)
                 attention = 0.0
-                for pam, (mh, mw) in zip(pams, maps):
-                    n = max(1, round(mh * mw * scale))
+                for pam, (mh, mw) in zip(pams, maps):  # maps seen at the largest side
+                    n = max(1, round(mh * mw * h * w / pixels[-1]))
                     share = _attention_share(pam, n, min(rows, n), dtype or torch.float32, repeats)
-                    attention += share * n / min(rows, n)
-            out[f"rest_{name}"] = b * (total - sum(spent)) * scale
-            out[f"attention_{name}"] = b * attention
-            out[f"{name}_seconds"] = out[f"rest_{name}"] + out[f"attention_{name}"]
+                    attention += b * share * n / min(rows, n)
+            out[f"fixed_{name}"], out[f"per_pixel_{name}"], out[f"attention_{name}"] = fixed, per_pixel, attention
+            out[f"{name}_seconds"] = fixed + per_pixel * b * h * w + attention
     out["speedup"] = out["fp32_seconds"] / out["bf16_seconds"]
     return out
 

@@ -146,10 +146,11 @@ def test_network_probe_estimates_both_precisions_and_leaves_the_network_as_it_wa
     torch.manual_seed(0)
     net = SpineOne(RSNA_STREAMS, backbone_depth=18, in_channels=7).eval()
     before = {k: v.clone() for k, v in net.state_dict().items()}
-    probe = P.network_probe(net, (2, 7, 96, 64), size=32, rows=8, repeats=1)
+    probe = P.network_probe(net, (2, 7, 96, 64), sizes=(32, 64), rows=8)
     for name in ("fp32", "bf16"):
-        assert probe[f"rest_{name}"] > 0 and probe[f"attention_{name}"] > 0
-        assert probe[f"{name}_seconds"] == pytest.approx(probe[f"rest_{name}"] + probe[f"attention_{name}"])
+        assert probe[f"fixed_{name}"] >= 0 and probe[f"per_pixel_{name}"] >= 0 and probe[f"attention_{name}"] > 0
+        rest = probe[f"fixed_{name}"] + probe[f"per_pixel_{name}"] * 2 * 96 * 64  # B H W pixels
+        assert rest > 0 and probe[f"{name}_seconds"] == pytest.approx(rest + probe[f"attention_{name}"])
     assert probe["speedup"] == pytest.approx(probe["fp32_seconds"] / probe["bf16_seconds"])
     assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # no BatchNorm update
