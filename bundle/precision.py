@@ -155,7 +155,7 @@ def network_probe(
     network: torch.nn.Module,
     shape: tuple[int, ...],
     sizes: tuple[int, int] = (64, 128),
-    rows: int = 128,
+    rows: int = 512,
     repeats: int = 1,
 ) -> dict[str, Any]:
     """Estimated forward seconds of ``network`` (eval mode) on a (B, C, H, W) ``shape`` input, in float32 and
@@ -165,8 +165,9 @@ def network_probe(
     warm-up). Its time outside the position attention modules (:class:`bundle.networks.PositionAttention`)
     is fitted as a fixed cost per forward (autocast's weight casts, per-operation overheads) plus a cost per
     pixel, and extrapolated to B x H x W pixels. The attention, whose work grows with N^2, is timed at the
-    real N (positions of its map at H x W) for ``rows`` queries and scaled by B N / rows. About 0.2-0.4 s for
-    SpineOne R50 at 640 x 640 on 2 threads (eight small forwards), once per process and model.
+    real N (positions of its map at H x W) for ``rows`` queries (enough blocks for every thread of the
+    kernels) and scaled by B N / rows. Cost: eight small forwards and four attention shares, a one-off of
+    tenths of a second for SpineOne R50 at 640 x 640 on a quiet 2-core machine (see docs/performance.md).
 
     Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` and the parts of each estimate
     (``fixed_*``, ``per_pixel_*``, ``attention_*``).
