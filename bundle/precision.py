@@ -167,7 +167,7 @@ def network_probe(
     pixel, and extrapolated to B x H x W pixels. The attention, whose work grows with N^2, is timed at the
     real N (positions of its map at H x W) for ``rows`` queries (enough blocks for every thread of the
     kernels) and scaled by B N / rows. Cost: eight small forwards and four attention shares, a one-off of
-    tenths of a second for SpineOne R50 at 640 x 640 on a quiet 2-core machine (see docs/performance.md).
+    0.6-0.7 s for SpineOne R50 at 640 x 640 on a quiet 2-core AMX machine (see docs/performance.md).
 
     Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` and the parts of each estimate
     (``fixed_*``, ``per_pixel_*``, ``attention_*``).
