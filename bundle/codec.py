@@ -330,7 +330,7 @@ class OCPCCodec:
         maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
         each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
         to sum 1, ``score`` = the highest;
-        ``xy`` (image pixels ``[x=col, y=row]``) refined by the centroid of the 3x3 window of the summed Hough map;
+        ``xy`` (image pixels ``[x=col, y=row]``) refined by mean shift of a 3x3 window on the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
         ascending row without an affine), get level names by :func:`bundle.levels.assign_levels`; those
         without a level are dropped, a level without a candidate is absent.

@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["hough_voting", "pick_peaks", "refine_peak", "splat_votes", "splat_votes_public"]
+__all__ = [
+    "REFINE_STEPS",
+    "REFINE_TOLERANCE",
+    "hough_voting",
+    "pick_peaks",
+    "refine_peak",
+    "splat_votes",
+    "splat_votes_public",
+]
 
 #: use ``aten.grid_sampler_2d_backward`` (private) when this torch has it; :func:`splat_votes_public` otherwise
 USE_PRIVATE_SPLAT = hasattr(torch.ops.aten, "grid_sampler_2d_backward")
@@ -91,21 +100,57 @@ def pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]
     return chosen
 
 
-def refine_peak(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
-    """Sub-pixel (x, y): centroid of the 3x3 window of ``total`` (H, W) around (r, c), zero outside the grid.
+#: most mean-shift steps of :func:`refine_peak`, and the step (target pixels) below which it has converged
+REFINE_STEPS = 16
+REFINE_TOLERANCE = 1e-4
+_REACH = 2  # the estimate stays within this many pixels of the start; the patch spans its window's reach
 
-    For one exact bilinear-splatted vote, the peak is the nearest of the four corners, so all four corners
-    fall in the window and the centroid recovers the vote position exactly.
+
+def _cell_overlap(centre: float, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Overlap (in [0, 1]) of the unit cells ``[lower, upper]`` (pixel -/+ 0.5) with the 3-pixel window
+    ``[centre - 1.5, centre + 1.5]``: 1 inside, fractional at its two edges, 0 outside."""
+    return np.clip(np.minimum(upper, centre + 1.5) - np.maximum(lower, centre - 1.5), 0.0, 1.0)
+
+
+def refine_peak(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
+    """Sub-pixel (x, y) of the peak of ``total`` (H, W) picked at pixel (r, c): mean shift of a 3 x 3 window.
+
+    The first step is the centroid of the 3 x 3 window around (r, c) (zero outside the grid); each further
+    step re-centres a 3 x 3 window on the estimate (edge pixels weighted by the fraction of their cell inside
+    it) and takes its centroid, until a step moves less than :data:`REFINE_TOLERANCE` pixels (at most
+    :data:`REFINE_STEPS` steps; the estimate stays within 2 pixels of (r, c)). The fixed point does not depend
+    on which of near-tied neighbouring pixels the peak picking chose. For one exact bilinear-splatted vote the
+    peak is the nearest of its four corners, the first window holds all four and the centroid is the vote
+    position, which is also the fixed point.
+
+    Example:
+        >>> m = torch.zeros(5, 5); m[1:3, 2:4] = torch.tensor([[0.12, 0.28], [0.18, 0.42]])  # vote at (2.7, 1.6)
+        >>> [round(v, 6) for v in refine_peak(m, 2, 3)]
+        [2.7, 1.6]
     """
     h, w = total.shape
-    r0, r1, c0, c1 = max(r - 1, 0), min(r + 2, h), max(c - 1, 0), min(c + 2, w)
-    win = total[r0:r1, c0:c1].double().clamp_min(0)
-    s = float(win.sum())
-    if s <= 0:
-        return float(c), float(r)
-    rr = torch.arange(r0, r1, dtype=torch.float64).view(-1, 1)
-    cc = torch.arange(c0, c1, dtype=torch.float64).view(1, -1)
-    return float((win * cc).sum()) / s, float((win * rr).sum()) / s
+    half = _REACH + 2  # window half-width 1.5 around an estimate at most _REACH from the start
+    patch = np.zeros((2 * half + 1, 2 * half + 1), dtype=np.float64)  # (r, c) at its centre, zero off the grid
+    r0, r1, c0, c1 = max(r - half, 0), min(r + half + 1, h), max(c - half, 0), min(c + half + 1, w)
+    patch[r0 - r + half : r1 - r + half, c0 - c + half : c1 - c + half] = (
+        total[r0:r1, c0:c1].double().clamp_min(0).numpy()
+    )
+    offsets = np.arange(-half, half + 1, dtype=np.float64)  # pixel positions relative to (r, c)
+    lower, upper = offsets - 0.5, offsets + 0.5
+    dx = dy = 0.0
+    for _ in range(REFINE_STEPS):
+        wx, wy = _cell_overlap(dx, lower, upper), _cell_overlap(dy, lower, upper)
+        cols, rows = wy @ patch * wx, patch @ wx * wy  # window-weighted column and row profiles
+        s = float(cols.sum())
+        if s <= 0:
+            break
+        nx = min(max(float(cols @ offsets) / s, -_REACH), _REACH)
+        ny = min(max(float(rows @ offsets) / s, -_REACH), _REACH)
+        step = max(abs(nx - dx), abs(ny - dy))
+        dx, dy = nx, ny
+        if step < REFINE_TOLERANCE:
+            break
+    return c + dx, r + dy
 
 
 def _landing_grid(p: torch.Tensor, off: torch.Tensor) -> torch.Tensor:

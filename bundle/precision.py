@@ -6,13 +6,17 @@ returns float32, so decoding (Hough voting, peaks, refinement) and the loss alwa
 
 ``"auto"`` on a CPU picks bfloat16 only where the CPU has bfloat16 matrix instructions (AMX-BF16 or
 AVX512-BF16 on x86, BF16 on ARM, as ``torch.cpu.get_capabilities()`` reports them) *and* a short probe
-(a matrix product and a 3 x 3 convolution, a few milliseconds each, once per process) runs faster in
-bfloat16 than in float32; float32 otherwise. On CUDA ``"auto"`` picks bfloat16 where the GPU supports it.
-The choice is logged once per process and device kind.
+runs faster in bfloat16 than in float32; float32 otherwise. For inference (the network in eval mode)
+:class:`AutocastInferer` probes the network it runs, at the input's size (:func:`network_probe`: the
+network at a small size plus a share of each position attention's work at the real size); elsewhere the
+probe is a matrix product and a 3 x 3 convolution (:func:`bf16_probe`). Each probe runs once per process
+(per network and input shape). On CUDA ``"auto"`` picks bfloat16 where the GPU supports it. The choice is
+logged once per process and device kind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import time
@@ -27,7 +31,9 @@ __all__ = [
     "AutocastInferer",
     "best_seconds",
     "bf16_probe",
+    "choose_cpu_dtype",
     "cpu_bf16_support",
+    "network_probe",
     "precision_name",
     "resolve_precision",
 ]
@@ -41,6 +47,8 @@ BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")
 #: bf16 must beat fp32 by this factor in the probe to be chosen (noise margin on a shared machine)
 PROBE_MARGIN = 0.9
 _logged: set[tuple[str, str]] = set()
+#: ``"auto"`` choices from network probes, by :func:`_network_key`: one probe per process, architecture and shape
+_network_choices: dict[tuple, tuple[torch.dtype | None, str]] = {}
 
 
 def precision_name(dtype: torch.dtype | None) -> str:
@@ -96,16 +104,128 @@ def _probe_seconds(n: int, side: int, channels: int, repeats: int) -> dict[str, 
     return seconds
 
 
-@functools.lru_cache(maxsize=None)
-def _auto_cpu() -> tuple[torch.dtype | None, str]:
-    """The ``"auto"`` dtype on this CPU and the reason (cached: the probe runs once per process)."""
-    flag = cpu_bf16_support()
+def _autocast(dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _small_forward(network: torch.nn.Module, x: torch.Tensor, pams: list, repeats: int) -> tuple[float, list, list]:
+    """Best-of-``repeats`` seconds of ``network(x)`` after a warm-up, with the seconds spent in each module of
+    ``pams`` during that run and the (H, W) map each saw."""
+    stamps: dict[int, float] = {}
+    spent, shapes = [0.0] * len(pams), [(0, 0)] * len(pams)
+
+    def enter(i: int) -> Callable:
+        return lambda module, args: stamps.__setitem__(i, time.perf_counter())
+
+    def leave(i: int) -> Callable:
+        def hook(module, args, output) -> None:
+            spent[i] += time.perf_counter() - stamps[i]
+            shapes[i] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    handles = [p.register_forward_pre_hook(enter(i)) for i, p in enumerate(pams)]
+    handles += [p.register_forward_hook(leave(i)) for i, p in enumerate(pams)]
+    try:
+        network(x)  # warm-up: oneDNN primitives, weight reorders
+        best, best_spent = float("inf"), list(spent)
+        for _ in range(repeats):
+            spent[:] = [0.0] * len(pams)
+            start = time.perf_counter()
+            network(x)
+            if time.perf_counter() - start < best:
+                best, best_spent = time.perf_counter() - start, list(spent)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return best, best_spent, shapes
+
+
+def _attention_share(pam: torch.nn.Module, n: int, rows: int, dtype: torch.dtype, repeats: int) -> float:
+    """Seconds of ``pam.attend`` for ``rows`` queries against ``n`` keys in ``dtype`` (channels_last-like
+    (B, ., N) views, as the network's 1 x 1 convolutions give them), best of ``repeats`` after a warm-up."""
+    q = torch.randn(1, rows, pam.key_channels, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, n, pam.key_channels, dtype=dtype).transpose(1, 2)
+    v = torch.randn(1, n, pam.channels, dtype=dtype).transpose(1, 2)
+    pam.attend(q, k, v)
+    return best_seconds(lambda: pam.attend(q, k, v), repeats)
+
+
+def network_probe(
+    network: torch.nn.Module,
+    shape: tuple[int, ...],
+    sizes: tuple[int, int] = (64, 128),
+    rows: int = 512,
+    repeats: int = 1,
+) -> dict[str, Any]:
+    """Estimated forward seconds of ``network`` (eval mode) on a (B, C, H, W) ``shape`` input, in float32 and
+    under bfloat16 autocast, at the process's thread count (never changed).
+
+    The network runs on 1 x C x s x s inputs for both ``sizes`` s (capped at H, W; best of ``repeats`` after a
+    warm-up). Its time outside the position attention modules (:class:`bundle.networks.PositionAttention`)
+    is fitted as a fixed cost per forward (autocast's weight casts, per-operation overheads) plus a cost per
+    pixel, and extrapolated to B x H x W pixels. The attention, whose work grows with N^2, is timed at the
+    real N (positions of its map at H x W) for ``rows`` queries (enough blocks for every thread of the
+    kernels) and scaled by B N / rows. Cost: eight small forwards and four attention shares, a one-off of
+    0.6-0.7 s for SpineOne R50 at 640 x 640 on a quiet 2-core AMX machine (see docs/performance.md).
+
+    Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` and the parts of each estimate
+    (``fixed_*``, ``per_pixel_*``, ``attention_*``).
+    """
+    b, c, h, w = shape
+    from bundle.networks.attention import PositionAttention  # a network fact, read where it is defined
+
+    pams = [m for m in network.modules() if isinstance(m, PositionAttention)]
+    sides = sorted({(min(s, h), min(s, w)) for s in sizes})
+    out: dict[str, Any] = {"probe": "network"}
+    with torch.inference_mode():
+        for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+            with _autocast(dtype):
+                rests, maps = [], []
+                for side in sides:
+                    x = torch.randn(1, c, *side).contiguous(memory_format=torch.channels_last)
+                    total, spent, maps = _small_forward(network, x, pams, repeats)
+                    rests.append(total - sum(spent))
+                pixels = [sh * sw for sh, sw in sides]
+                per_pixel = rests[-1] / pixels[-1]
+                if len(sides) > 1:
+                    per_pixel = max((rests[-1] - rests[0]) / (pixels[-1] - pixels[0]), 0.0)
+                fixed = max(rests[-1] - per_pixel * pixels[-1], 0.0)
+                attention = 0.0
+                for pam, (mh, mw) in zip(pams, maps):  # maps seen at the largest side
+                    n = max(1, round(mh * mw * h * w / pixels[-1]))
+                    share = _attention_share(pam, n, min(rows, n), dtype or torch.float32, repeats)
+                    attention += b * share * n / min(rows, n)
+            out[f"fixed_{name}"], out[f"per_pixel_{name}"], out[f"attention_{name}"] = fixed, per_pixel, attention
+            out[f"{name}_seconds"] = fixed + per_pixel * b * h * w + attention
+    out["speedup"] = out["fp32_seconds"] / out["bf16_seconds"]
+    return out
+
+
+def choose_cpu_dtype(flag: str | None, probe: Callable[[], Mapping[str, float]]) -> tuple[torch.dtype | None, str]:
+    """The issue's rule for ``"auto"`` on a CPU: bfloat16 only with a bfloat16 matrix ``flag`` (see
+    :func:`cpu_bf16_support`) *and* a ``probe()`` speed-up (fp32 / bf16 seconds) above 1 / :data:`PROBE_MARGIN`;
+    the probe runs only when the flag is there. Returns the dtype (None: float32) and the reason, for the log."""
     if flag is None:
         return None, "the CPU reports no bfloat16 matrix instructions"
-    probe = bf16_probe()
-    if probe["speedup"] * PROBE_MARGIN > 1.0:
-        return torch.bfloat16, f"{flag} present and the probe ran bf16 {probe['speedup']:.2f}x faster than fp32"
-    return None, f"{flag} present but the probe ran bf16 only {probe['speedup']:.2f}x as fast as fp32"
+    result = probe()
+    what = result.get("probe", "op")
+    if result["speedup"] * PROBE_MARGIN > 1.0:
+        return torch.bfloat16, f"{flag} present and the {what} probe ran bf16 {result['speedup']:.2f}x faster than fp32"
+    return None, f"{flag} present but the {what} probe ran bf16 only {result['speedup']:.2f}x as fast as fp32"
+
+
+@functools.lru_cache(maxsize=None)
+def _auto_cpu() -> tuple[torch.dtype | None, str]:
+    """The ``"auto"`` dtype on this CPU by the operation probe, and the reason (cached: once per process)."""
+    return choose_cpu_dtype(cpu_bf16_support(), bf16_probe)
+
+
+def _auto_cpu_network(key: tuple, probe: Callable[[], Mapping[str, float]]) -> tuple[torch.dtype | None, str]:
+    """The ``"auto"`` dtype by a network probe, cached under ``key``."""
+    if key not in _network_choices:
+        _network_choices[key] = choose_cpu_dtype(cpu_bf16_support(), probe)
+    return _network_choices[key]
 
 
 def _log_once(device_type: str, name: str, reason: str) -> None:
@@ -114,8 +234,16 @@ def _log_once(device_type: str, name: str, reason: str) -> None:
         logger.info(f"precision on {device_type}: {name} ({reason})")
 
 
-def resolve_precision(precision: str, device: torch.device | str = "cpu") -> torch.dtype | None:
+def resolve_precision(
+    precision: str,
+    device: torch.device | str = "cpu",
+    probe: Callable[[], Mapping[str, float]] | None = None,
+    probe_key: tuple | None = None,
+) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``: None means float32 (no autocast).
+
+    ``"auto"`` on a CPU runs ``probe`` (returning at least ``speedup``; cached per ``probe_key``) or, without
+    one, :func:`bf16_probe` (cached), and applies :func:`choose_cpu_dtype`.
 
     Raises ValueError for an unknown name and for ``"fp16"`` off CUDA (CPU float16 matrix units are not
     targeted here: use ``"bf16"`` or ``"auto"``).
@@ -132,7 +260,7 @@ def resolve_precision(precision: str, device: torch.device | str = "cpu") -> tor
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else None
         reason = "the GPU supports bf16" if dtype is not None else "the GPU lacks bf16"
     elif device_type == "cpu":
-        dtype, reason = _auto_cpu()
+        dtype, reason = _auto_cpu() if probe is None else _auto_cpu_network(probe_key or (id(probe),), probe)
     else:
         dtype, reason = None, f"no automatic choice for {device_type!r}"
     _log_once(device_type, precision_name(dtype), "auto: " + reason)
@@ -148,6 +276,12 @@ def _to_float(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return type(value)(_to_float(v) for v in value)
     return value
+
+
+def _network_key(network: torch.nn.Module, shape: tuple[int, ...]) -> tuple:
+    """Cache key of a network probe: the network's class, parameter count and the input shape (a new
+    evaluator on the same model, e.g. one per run, reuses the first probe's answer)."""
+    return type(network).__qualname__, sum(p.numel() for p in network.parameters()), tuple(shape)
 
 
 class AutocastInferer(Inferer):
@@ -172,16 +306,24 @@ class AutocastInferer(Inferer):
         self.inferer = SimpleInferer() if inferer is None else inferer
         self._dtypes: dict[str, torch.dtype | None] = {}
 
-    def dtype_for(self, device: torch.device | str) -> torch.dtype | None:
-        """The autocast dtype used on ``device`` (None: float32)."""
+    def dtype_for(
+        self, device: torch.device | str, network: Any = None, shape: tuple[int, ...] | None = None
+    ) -> torch.dtype | None:
+        """The autocast dtype used on ``device`` (None: float32). ``"auto"`` on a CPU with an eval-mode
+        ``network`` module and the input ``shape`` probes that network (:func:`network_probe`); otherwise
+        (training: the attention runs the same kernel in both precisions there) the operation probe."""
         device_type = torch.device(device).type
         if device_type not in self._dtypes:
-            self._dtypes[device_type] = resolve_precision(self.precision, device_type)
+            probe, key = None, None
+            use_network = isinstance(network, torch.nn.Module) and not network.training and shape is not None
+            if self.precision == "auto" and device_type == "cpu" and use_network:
+                probe, key = functools.partial(network_probe, network, tuple(shape)), _network_key(network, shape)
+            self._dtypes[device_type] = resolve_precision(self.precision, device_type, probe, key)
         return self._dtypes[device_type]
 
     def __call__(self, inputs: torch.Tensor, network: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``inputs`` (B, C, H, W) on the network's device -> the wrapped inferer's output, float32."""
-        dtype = self.dtype_for(inputs.device)
+        dtype = self.dtype_for(inputs.device, network, tuple(inputs.shape))
         if dtype is None:
             return self.inferer(inputs, network, *args, **kwargs)
         with torch.autocast(device_type=inputs.device.type, dtype=dtype):

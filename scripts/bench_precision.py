@@ -23,7 +23,7 @@ from bundle.losses import SpineOneLoss
 from bundle.networks import SpineOne
 from bundle.precision import AutocastInferer
 from bundle.precision import best_seconds as precision_best_seconds
-from bundle.precision import bf16_probe, cpu_bf16_support, precision_name, resolve_precision
+from bundle.precision import bf16_probe, cpu_bf16_support, network_probe, precision_name, resolve_precision
 from bundle.streams import RSNA_STREAMS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +112,19 @@ def train_step_seconds(
     return best_seconds(step, repeats, clock)
 
 
-def precision_support() -> dict[str, Any]:
-    """The CPU's bfloat16 flag, the probe's figures and the precision ``"auto"`` resolves to."""
+def precision_support(net: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """The CPU's bfloat16 flag, both probes' figures (the operation probe, and the network probe of ``net`` at
+    ``x``'s shape with its own cost in seconds) and the precision ``"auto"`` resolves to for inference (the
+    network probe, as ``AutocastInferer`` runs it) and without a network (the operation probe)."""
     flag = cpu_bf16_support()
     report: dict[str, Any] = {"bf16_cpu_flag": flag, "bf16_supported": flag is not None}
     if flag is not None:
         report["probe"] = bf16_probe()
-    report["auto_precision"] = precision_name(resolve_precision("auto", "cpu"))
+        start = time.perf_counter()
+        report["network_probe"] = network_probe(net, tuple(x.shape))
+        report["network_probe"]["cost_seconds"] = time.perf_counter() - start
+    report["auto_precision"] = precision_name(AutocastInferer("auto").dtype_for("cpu", net, tuple(x.shape)))
+    report["auto_precision_op_probe"] = precision_name(resolve_precision("auto", "cpu"))
     return report
 
 
@@ -145,7 +151,7 @@ def precision_report(
     ``targets(batch, size)`` square synthetic loss targets (cropped to the demo's H x W).
     ``args``: the benchmark's (matmul_n, size, repeats, train_repeats, clock, no_precision_train, quick)."""
     clock, repeats = args.clock, args.repeats
-    report = precision_support()
+    report = precision_support(net, x)
     dtypes = {"fp32": None, "bf16": torch.bfloat16} if report["bf16_supported"] else {"fp32": None}
     if not report["bf16_supported"]:
         report["bf16_skipped"] = "the CPU reports no bfloat16 matrix instructions: bf16 part not measured"

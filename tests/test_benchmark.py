@@ -231,7 +231,12 @@ def test_report_precision_section(report):
     "auto" picked, end to end through AutocastInferer("auto") and the demo-setting training steps."""
     prec = report["precision"]
     names = ["fp32", "bf16"] if prec["bf16_supported"] else ["fp32"]
-    assert prec["auto_precision"] in names
+    assert prec["auto_precision"] in names and prec["auto_precision_op_probe"] in names
+    if prec["bf16_supported"]:  # the network probe "auto" uses for inference, with its own cost
+        probe = prec["network_probe"]
+        assert probe["probe"] == "network"
+        assert all(_positive(probe[k]) for k in ("fp32_seconds", "bf16_seconds", "attention_bf16", "cost_seconds"))
+        assert probe["speedup"] == pytest.approx(probe["fp32_seconds"] / probe["bf16_seconds"])
     for name in names:
         for key in ("matmul_gflops", "conv3x3_gflops", "network_seconds", "fraction_of_peak"):
             assert _positive(prec[f"{key}_{name}"]), (key, name)
@@ -262,6 +267,8 @@ def test_precision_report_skips_bf16_without_cpu_support(monkeypatch):
 
     precision._auto_cpu.cache_clear()
     monkeypatch.setattr(precision, "_logged", set())
+    monkeypatch.setattr(precision, "_network_choices", {})
+    monkeypatch.setattr(precision, "network_probe", lambda *a, **k: pytest.fail("no probe without bf16 support"))
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True})
     monkeypatch.setattr(bp, "cpu_bf16_support", precision.cpu_bf16_support)
     try:
@@ -275,6 +282,7 @@ def test_precision_report_skips_bf16_without_cpu_support(monkeypatch):
     finally:
         precision._auto_cpu.cache_clear()
     assert rep["bf16_supported"] is False and rep["auto_precision"] == "fp32" and "bf16_skipped" in rep
+    assert rep["auto_precision_op_probe"] == "fp32" and "network_probe" not in rep
     assert not any(key.endswith("_bf16") for key in rep) and "bf16_speedup" not in rep
     assert rep["fraction_of_peak"] == rep["fraction_of_peak_fp32"]
     assert rep["end_to_end_auto"]["end_to_end_over_network"] == pytest.approx(1.2)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundle.codec import OCPCCodec, pixels_to_mm, target_to_image
-from bundle.decoding import hough_voting, splat_votes, splat_votes_public
+from bundle.decoding import hough_voting, refine_peak, splat_votes, splat_votes_public
 from bundle.streams import StreamSpec, split_output
 from bundle.transforms import OCPCTargetsd
 from monai.data import MetaTensor
@@ -319,3 +319,48 @@ def test_codec_encode_then_decode_round_trip(target_stride, network_stride):
     assert [kp["label"] for kp in kps] == labels.tolist()
     tol = 0.05 if network_stride == target_stride else 1.5
     np.testing.assert_allclose([kp["mm"] for kp in kps], mm.numpy(), atol=tol)
+
+
+def _centroid_3x3(total: np.ndarray, r: int, c: int) -> tuple[float, float]:
+    """The plain 3 x 3 centroid around (r, c): what the refinement started from before mean shift."""
+    win = total[r - 1 : r + 2, c - 1 : c + 2]
+    rows, cols = np.mgrid[r - 1 : r + 2, c - 1 : c + 2]
+    return float((win * cols).sum() / win.sum()), float((win * rows).sum() / win.sum())
+
+
+@pytest.mark.parametrize("centre", [(5.5, 6.3), (6.0, 5.5), (5.48, 5.52)])
+def test_refine_peak_same_answer_from_near_tied_neighbours(centre):
+    """A blob whose two highest pixels nearly tie (the second scaled by 1 - 1e-3): either one as the start
+    gives the same sub-pixel position; a single 3 x 3 centroid around each does not."""
+    x0, y0 = centre
+    rows, cols = np.mgrid[0:12, 0:12]
+    blob = np.exp(-((cols - x0) ** 2 + (rows - y0) ** 2) / (2 * 1.2**2))
+    order = np.argsort(blob, axis=None)[::-1]
+    (ra, ca), (rb, cb) = np.unravel_index(order[0], blob.shape), np.unravel_index(order[1], blob.shape)
+    assert max(abs(ra - rb), abs(ca - cb)) == 1  # the two best pixels are neighbours
+    blob[rb, cb] = blob[ra, ca] * (1 - 1e-3)
+    old_a, old_b = _centroid_3x3(blob, ra, ca), _centroid_3x3(blob, rb, cb)
+    assert math.dist(old_a, old_b) > 0.1  # the hard case: the starting pixel moved the old answer
+    total = torch.from_numpy(blob).float()
+    new_a, new_b = refine_peak(total, int(ra), int(ca)), refine_peak(total, int(rb), int(cb))
+    assert math.dist(new_a, new_b) < 1e-3
+    assert math.dist(new_a, (x0, y0)) < 0.1  # and it is the blob's centre (the tie shifts it slightly)
+
+
+def test_refine_peak_exact_for_one_vote_and_at_the_border():
+    """One bilinear vote, splatted by hough_voting, is recovered exactly from any of its four corners;
+    a vote next to the grid's edge (corners outside dropped) stays inside the grid; an empty map returns
+    the start."""
+    p = torch.zeros(1, 1, 8, 8)
+    o = torch.zeros(1, 2, 8, 8)
+    p[0, 0, 0, 0] = 1.0
+    o[0, :, 0, 0] = torch.tensor([4.3, 2.8])  # lands at x = 4.3, y = 2.8
+    total = hough_voting(p, o, radius=1.0)[0, 0]
+    for r, c in ((2, 4), (2, 5), (3, 4), (3, 5)):
+        x, y = refine_peak(total, r, c)
+        assert x == pytest.approx(4.3, abs=1e-6) and y == pytest.approx(2.8, abs=1e-6)
+    o[0, :, 0, 0] = torch.tensor([-0.4, 6.5])  # x = -0.4: the two left corners fall outside
+    edge = hough_voting(p, o, radius=1.0)[0, 0]
+    x, y = refine_peak(edge, 7, 0)
+    assert x == pytest.approx(0.0, abs=1e-6) and y == pytest.approx(6.5, abs=1e-6)
+    assert refine_peak(torch.zeros(4, 4), 1, 2) == (2.0, 1.0)

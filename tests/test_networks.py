@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from bundle.networks import (
     ASPP,
@@ -401,10 +403,11 @@ def test_blocked_attention_in_float32_equals_plain_softmax_attention():
         torch.testing.assert_close(blocked_attention(q, k, v, torch.float32, block), ref, atol=1e-5, rtol=1e-5)
 
 
-def test_fused_pam_under_bf16_autocast_runs_blocked_and_stays_close_to_fp32():
+def test_fused_pam_under_bf16_autocast_runs_blocked_and_stays_close_to_fp32(monkeypatch):
     """Under CPU bf16 autocast without gradients the fused PAM uses the blocked attention (no flash kernel, no
     N x N matrix); it stays as close to the float32 plain PAM as the flash kernel's own bf16 path, which
     gradient mode keeps. (Most of the difference is the bf16 rounding of q, k and v by the 1x1 convolutions.)"""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
     plain = _randomise(PositionAttention(64, "plain"), seed=6, gamma=1.1)
     fused = PositionAttention(64, "fused")
     fused.load_state_dict(plain.state_dict())
@@ -434,3 +437,82 @@ def test_cam_stays_float32_under_bf16_autocast():
         got = cam(x.bfloat16())
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, cam(x.bfloat16().float()), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl, bf16", [("plain", False), ("fused", False), ("fused", True)])
+def test_pam_attend_on_a_share_of_the_queries_equals_those_rows(monkeypatch, impl, bf16):
+    """``attend`` on the first rows of the queries (as the precision probe times it) gives exactly those
+    columns of the full attention, on each kernel path (plain, SDPA, blocked under bf16 autocast)."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})  # no AMX: blocked in bf16
+    pam = PositionAttention(32, impl)
+    gen = torch.Generator().manual_seed(7)
+    q, k = (torch.randn(1, 4, 90, generator=gen) for _ in range(2))
+    v = torch.randn(1, 32, 90, generator=gen)
+    context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with torch.no_grad(), context:
+        full, part = pam.attend(q, k, v), pam.attend(q[:, :, :20], k, v)
+    assert tuple(part.shape) == (1, 32, 20)
+    torch.testing.assert_close(part, full[:, :, :20], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dilation, shape", [(1, (2, 16, 9, 7)), (2, (1, 16, 9, 7)), (6, (2, 8, 10, 12)), (12, (1, 8, 5, 6))]
+)
+def test_atrous_gemm_equals_conv2d(dilation, shape):
+    """One product and shifted adds give F.conv2d's dilated 3 x 3 'same' convolution, also when the dilation
+    reaches past the map (taps wholly in the padding) and without a bias."""
+    from bundle.networks.deeplab import atrous_conv3x3_gemm
+
+    gen = torch.Generator().manual_seed(dilation)
+    x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(5, shape[1], 3, 3, generator=gen), torch.randn(5, generator=gen)
+    for b in (bias, None):
+        ref = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
+        torch.testing.assert_close(atrous_conv3x3_gemm(x, weight, b, dilation), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_atrous_conv_bf16_path_and_folding():
+    """AtrousConv2d is Conv2d in float32; under CPU bf16 inference it runs the product form (no oneDNN
+    convolution) within the bf16 convolution's own error; BatchNorm folding keeps the class."""
+    from bundle.networks import fuse_for_inference
+    from bundle.networks.deeplab import ASPP, AtrousConv2d
+
+    torch.manual_seed(8)
+    conv = AtrousConv2d(32, 16, 3, padding=3, dilation=3, bias=True).eval()
+    x = torch.randn(1, 32, 14, 11).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref = F.conv2d(x, conv.weight, conv.bias, padding=3, dilation=3)
+        torch.testing.assert_close(conv(x), ref)
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            got = conv(x)
+            plain_bf16 = F.conv2d(x, conv.weight, conv.bias, padding=3, dilation=3)
+    assert got.dtype == torch.bfloat16 and tuple(got.shape) == tuple(ref.shape)
+    assert sum(e.count for e in prof.key_averages() if e.key == "aten::convolution") == 1  # the reference only
+    err, err_conv = float((got.float() - ref).abs().max()), float((plain_bf16.float() - ref).abs().max())
+    assert err <= 2.0 * err_conv + 1e-3, (err, err_conv)
+    aspp = ASPP(32, 16).eval()
+    folded = fuse_for_inference(aspp)
+    assert isinstance(folded.branches[1][0], AtrousConv2d) and isinstance(folded.branches[1][1], torch.nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), aspp(x), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_pam_keeps_the_flash_kernel_in_bf16_with_amx(monkeypatch):
+    """With AMX the bf16 flash kernel is the fast one: inference under bf16 autocast keeps SDPA (no blocked
+    attention) and stays within the blocked form's tolerance of the fp32 plain PAM."""
+    from bundle.networks.attention import blocked_for_bf16
+
+    plain = _randomise(PositionAttention(64, "plain"), seed=6, gamma=1.1)
+    fused = PositionAttention(64, "fused")
+    fused.load_state_dict(plain.state_dict())
+    x = (0.3 * torch.randn(1, 64, 24, 20)).bfloat16().contiguous(memory_format=torch.channels_last)
+    for caps, blocked in (({"amx_bf16": True}, False), ({"avx512_bf16": True}, True)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
+        assert blocked_for_bf16() is blocked
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
+            got = fused(x)
+        flash = "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.key for e in prof.key_averages()}
+        assert flash is not blocked and got.dtype == torch.bfloat16
+        with torch.no_grad():
+            ref = plain(x.float())
+        assert float((got.float() - ref).abs().max()) < 0.05 * float(ref.std())

@@ -21,6 +21,7 @@ def fresh_auto(monkeypatch):
     """Forget the cached "auto" choice and the log-once record before and after the test."""
     P._auto_cpu.cache_clear()
     monkeypatch.setattr(P, "_logged", set())
+    monkeypatch.setattr(P, "_network_choices", {})
     yield
     P._auto_cpu.cache_clear()
 
@@ -73,6 +74,87 @@ def test_probe_measures_both_precisions():
     probe = P.bf16_probe(n=64, side=8, channels=16, repeats=1)
     assert probe["fp32_seconds"] > 0 and probe["bf16_seconds"] > 0
     assert probe["speedup"] == pytest.approx(probe["fp32_seconds"] / probe["bf16_seconds"])
+
+
+@pytest.mark.parametrize(
+    "flag, speedup, expected",
+    [
+        (None, 5.0, None),  # no bf16 matrix instructions: fp32 whatever a probe would say (it does not run)
+        ("avx512_bf16", 2.0, torch.bfloat16),
+        ("amx_bf16", 1.02 / P.PROBE_MARGIN, torch.bfloat16),  # just past the noise margin
+        ("avx512_bf16", 0.98 / P.PROBE_MARGIN, None),  # faster, but within the margin
+        ("avx512_bf16", 0.8, None),  # slower in bf16 (the 640 network on 2 AVX512-BF16 threads)
+    ],
+)
+def test_choose_cpu_dtype_from_injected_timings(flag, speedup, expected):
+    calls = []
+
+    def probe():
+        calls.append(1)
+        return {"fp32_seconds": speedup * 0.01, "bf16_seconds": 0.01, "speedup": speedup, "probe": "network"}
+
+    dtype, reason = P.choose_cpu_dtype(flag, probe)
+    assert dtype == expected
+    assert len(calls) == (0 if flag is None else 1)
+    assert (flag or "no bfloat16") in reason and ("network probe" in reason) == (flag is not None)
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@pytest.mark.parametrize("network_speedup, op_speedup", [(0.8, 2.0), (2.0, 0.8)])
+def test_auto_inference_follows_the_network_probe_once(monkeypatch, fresh_auto, network_speedup, op_speedup):
+    """In eval mode "auto" asks the network probe (with the network and the input shape), once per network and
+    shape across inferers; in training mode the operation probe. Timings injected."""
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    seen = []
+
+    def fake_network_probe(network, shape):
+        seen.append((network, shape))
+        return {"fp32_seconds": network_speedup, "bf16_seconds": 1.0, "speedup": network_speedup}
+
+    monkeypatch.setattr(P, "network_probe", fake_network_probe)
+    monkeypatch.setattr(
+        P, "bf16_probe", lambda: {"fp32_seconds": op_speedup, "bf16_seconds": 1.0, "speedup": op_speedup}
+    )
+    net, x = _Tiny().eval(), torch.randn(2, 3, 8, 8)
+    for _ in range(2):
+        out = AutocastInferer("auto")(x, net)
+        assert out.dtype == torch.float32
+    assert seen == [(net, (2, 3, 8, 8))]
+    want = torch.bfloat16 if network_speedup > 1 else None
+    assert AutocastInferer("auto").dtype_for("cpu", net, (2, 3, 8, 8)) == want
+    assert AutocastInferer("auto").dtype_for("cpu", net.train(), (2, 3, 8, 8)) == (
+        torch.bfloat16 if op_speedup > 1 else None
+    )
+    assert len(seen) == 1
+
+
+def test_network_probe_estimates_both_precisions_and_leaves_the_network_as_it_was(monkeypatch):
+    from bundle.networks import SpineOne
+
+    def refuse(n: int) -> None:
+        raise AssertionError(f"torch.set_num_threads({n}) called by the probe")
+
+    monkeypatch.setattr(torch, "set_num_threads", refuse)
+    torch.manual_seed(0)
+    net = SpineOne(RSNA_STREAMS, backbone_depth=18, in_channels=7).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    probe = P.network_probe(net, (2, 7, 96, 64), sizes=(32, 64), rows=8)
+    for name in ("fp32", "bf16"):
+        assert probe[f"fixed_{name}"] >= 0 and probe[f"per_pixel_{name}"] >= 0 and probe[f"attention_{name}"] > 0
+        rest = probe[f"fixed_{name}"] + probe[f"per_pixel_{name}"] * 2 * 96 * 64  # B H W pixels
+        assert rest > 0 and probe[f"{name}_seconds"] == pytest.approx(rest + probe[f"attention_{name}"])
+    assert probe["speedup"] == pytest.approx(probe["fp32_seconds"] / probe["bf16_seconds"])
+    assert not net.training
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # no BatchNorm update
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # hooks removed
 
 
 class _Recorder(torch.nn.Module):

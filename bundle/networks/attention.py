@@ -20,6 +20,18 @@ PAM_IMPLS = ("plain", "fused")
 QUERY_BLOCK = 64
 
 
+def blocked_for_bf16() -> bool:
+    """Whether CPU bfloat16 inference runs :func:`blocked_attention` rather than the SDPA flash kernel: on a CPU
+    without AMX (``torch.cpu.get_capabilities()``), where the flash kernel gains nothing in bfloat16 (measured
+    on AVX512-BF16: 0.87-0.96 s against 0.86 s in float32, N = 16384, one thread) and the blocked form 1.5x;
+    with AMX the flash kernel's bfloat16 tiles are fast (0.24 s against 0.71 s in float32 and 0.72 s blocked,
+    N = 25600, two threads), so it is kept."""
+    try:
+        return torch.cpu.get_capabilities().get("amx_bf16") is not True
+    except (AttributeError, RuntimeError):  # an older torch without the public query
+        return True
+
+
 def _bf16_cpu(x: torch.Tensor) -> bool:
     """True when ``x`` is a bfloat16 CPU tensor or a CPU autocast region asks for bfloat16."""
     if x.device.type != "cpu":
@@ -34,20 +46,20 @@ def blocked_attention(
 ) -> torch.Tensor:
     """Exact unscaled softmax attention ``softmax(q k^T) v`` one block of queries at a time, no autograd.
 
-    q, k: (B, N, Ck); v: (B, N, C) -> (B, N, C) float32. Energies ``q k^T`` and their row maximum are computed
-    in float32 (q, k are cast up: with Ck = C / 8 this product is cheap); ``energy - max`` (<= 0) is then
+    q: (B, Nq, Ck), k: (B, N, Ck), v: (B, N, C) -> (B, Nq, C) float32. Energies ``q k^T`` and their row maximum
+    are computed in float32 (q, k are cast up: with Ck = C / 8 this product is cheap); ``energy - max`` (<= 0) is then
     rounded to ``dtype``, exponentiated in place and multiplied with ``v`` in ``dtype``; each row is divided
     by the sum of its rounded weights. Rounding after the max subtraction keeps the absolute error of every
     weight below ``exp(-1) 2^-9`` (bfloat16) of the largest, much as the flash kernel's own rounding of its
     probabilities. Only ``block`` x N energies exist at a time. With ``dtype=torch.float32`` it is the plain
     attention in float32 (the tests compare both).
     """
-    b, n, _ = q.shape
+    b, n, _ = q.shape  # n queries (the keys' count may differ: k.shape[1])
     q, kt = q.float(), k.float().transpose(1, 2).contiguous()
     values = v.to(dtype)
     out = torch.empty(b, n, v.shape[-1], dtype=torch.float32, device=v.device)
-    energy = torch.empty(b, min(block, n), n, device=v.device)
-    weights = torch.empty(b, min(block, n), n, dtype=dtype, device=v.device)
+    energy = torch.empty(b, min(block, n), k.shape[1], device=v.device)
+    weights = torch.empty(b, min(block, n), k.shape[1], dtype=dtype, device=v.device)
     for start in range(0, n, block):
         m = min(block, n - start)
         e = torch.bmm(q[:, start : start + m], kt, out=energy[:, :m])
@@ -70,9 +82,10 @@ class PositionAttention(nn.Module):
             ``"fused"`` calls ``scaled_dot_product_attention(q, k, v, scale=1.0)`` with q and k zero-padded
             from C // 8 to C channels (q . k is unchanged, and equal head widths let a fused flash /
             memory-efficient kernel run), so the N x N matrix is never stored. Both agree to ~1e-5 in float32.
-            Under CPU bfloat16 (autocast or bfloat16 input) without gradients, ``"fused"`` runs
-            :func:`blocked_attention` instead: the CPU flash kernel is no faster in bfloat16 than in float32
-            (its padded q . k work is 8 times the useful one), the blocked form about 1.5 times faster.
+            Under CPU bfloat16 (autocast or bfloat16 input) without gradients on a CPU without AMX, ``"fused"``
+            runs :func:`blocked_attention` instead: there the flash kernel is no faster in bfloat16 than in
+            float32 (its padded q . k work is 8 times the useful one), the blocked form about 1.5 times faster
+            (:func:`blocked_for_bf16`).
 
     Example:
         >>> pam = PositionAttention(64)
@@ -102,27 +115,31 @@ class PositionAttention(nn.Module):
         q = self.query(x).reshape(b, self.key_channels, n)
         k = self.key(x).reshape(b, self.key_channels, n)
         v = self.value(x).reshape(b, c, n)
-        out, blocked = v, False
+        out = self.attend(q, k, v)
+        # gamma in the branch's dtype: a float32 gamma would promote a bfloat16 map to float32
+        return self.gamma.to(out.dtype) * out.reshape(b, c, h, w) + x
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """``V softmax(Q^T K)^T`` for queries q (B, C // 8, Nq), keys k (B, C // 8, N), values v (B, C, N)
+        -> (B, C, Nq), by the kernel ``impl`` and the precision select (Nq = N in :meth:`forward`; fewer
+        queries time a share of the work, as :func:`bundle.precision.network_probe` does)."""
         if not torch.jit.is_scripting():  # not compiled by TorchScript: exports keep the SDPA path
-            if self.impl == "fused" and not torch.is_grad_enabled() and _bf16_cpu(x):
+            if self.impl == "fused" and not torch.is_grad_enabled() and _bf16_cpu(v) and blocked_for_bf16():
                 # (B, N, .) views of q, k, v are copy-free for channels_last maps
                 attended = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.bfloat16)
-                out, blocked = attended.to(v.dtype).transpose(1, 2), True  # (B, C, N)
-        if self.impl == "fused" and not blocked:
+                return attended.to(v.dtype).transpose(1, 2)  # (B, C, Nq)
+        if self.impl == "fused":
             # (B, 1, N, C) layout for SDPA; the fused kernels need stride 1 on the last dim, hence the pad
             # (which copies) for q, k and .contiguous() for v.
-            pad = c - self.key_channels
+            pad = v.shape[1] - self.key_channels
             qp = F.pad(q.transpose(1, 2), (0, pad)).unsqueeze(1)
             kp = F.pad(k.transpose(1, 2), (0, pad)).unsqueeze(1)
             vt = v.transpose(1, 2).contiguous().unsqueeze(1)
-            out = F.scaled_dot_product_attention(qp, kp, vt, scale=1.0)  # (B, 1, N, C)
-            out = out.squeeze(1).transpose(1, 2)  # (B, C, N)
-        elif not blocked:
-            energy = torch.bmm(q.transpose(1, 2), k)  # (B, N, N): energy[i, j] = q_i . k_j
-            attention = torch.softmax(energy, dim=-1)
-            out = torch.bmm(v, attention.transpose(1, 2))  # (B, C, N): out[:, i] = sum_j A[i, j] v_j
-        # gamma in the branch's dtype: a float32 gamma would promote a bfloat16 map to float32
-        return self.gamma.to(out.dtype) * out.reshape(b, c, h, w) + x
+            out = F.scaled_dot_product_attention(qp, kp, vt, scale=1.0)  # (B, 1, Nq, C)
+            return out.squeeze(1).transpose(1, 2)  # (B, C, Nq)
+        energy = torch.bmm(q.transpose(1, 2), k)  # (B, Nq, N): energy[i, j] = q_i . k_j
+        attention = torch.softmax(energy, dim=-1)
+        return torch.bmm(v, attention.transpose(1, 2))  # (B, C, Nq): out[:, i] = sum_j A[i, j] v_j
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, impl={self.impl!r}"

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .deeplab import ResNetBackbone
+from .deeplab import AtrousConv2d, ResNetBackbone
 
 __all__ = ["fuse_for_inference"]
 
@@ -27,7 +27,7 @@ _PAIRED_BY_NAME = (torchvision.models.resnet.BasicBlock, torchvision.models.resn
 
 def _fold(conv: nn.Module, bn: nn.Module) -> nn.Module | None:
     """The folded conv, or None when the pair is not a plain Conv2d followed by a tracking BatchNorm2d."""
-    if type(conv) is not nn.Conv2d or type(bn) is not nn.BatchNorm2d:
+    if type(conv) not in (nn.Conv2d, AtrousConv2d) or type(bn) is not nn.BatchNorm2d:
         return None
     if bn.running_mean is None or bn.running_var is None or conv.out_channels != bn.num_features:
         return None
