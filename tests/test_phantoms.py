@@ -99,8 +99,10 @@ def test_dicom_files_are_mr_storage_with_geometry_and_phi(rsna_set, tianchi_set)
         if abs(n[0]) > 0.75:  # sagittal: columns ~ posterior (+y), rows ~ feet (-z), oblique < 8.5 degrees
             assert c[1] > np.cos(np.deg2rad(8.5)) and -r[2] > np.cos(np.deg2rad(8.5))
             assert 3.5 <= float(ds.SpacingBetweenSlices) <= 5.0 and 3.5 <= float(ds.SliceThickness) <= 5.0
-        else:
-            assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+        else:  # axial: columns towards patient left, rows posterior, tilted along the disc (RSNA) or not
+            assert list(c) == [1, 0, 0] and r[0] == 0 and r[1] > np.cos(np.deg2rad(40))
+            if ds.SeriesDescription == "T2_TRA":
+                assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
         photometric.add(ds.PhotometricInterpretation)
         slopes.add(float(ds.RescaleSlope))
         intercepts.add(float(ds.RescaleIntercept))

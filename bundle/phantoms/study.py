@@ -166,7 +166,7 @@ class PhantomStudy:
             return []
         classes = self.labels()["stenosis"]
         return [
-            _point_on(carriers[0], level, p, classes[level], g_k=None)
+            _point_on(carriers[0], level, p, classes[level])
             for level, p in self.keypoints_mm()["canal"].items()
         ]
 
@@ -201,8 +201,8 @@ class PhantomStudy:
         """Label points of one lateral condition (key, e.g. "left_subarticular_stenosis") on their series.
 
         Foraminal points lie on the first sagittal T1 slice nearest the foramen; subarticular points on the
-        slice of the axial series covering the level that is nearest the disc centre, at the recess projected
-        on that slice. Dicts as :meth:`rsna_points`; levels whose series is missing or whose cell is empty
+        slice of the axial series covering the level that is nearest the recess point (which lies on the disc's
+        centre plane), projected on that slice. Dicts as :meth:`rsna_points`; levels whose series is missing or whose cell is empty
         have no point.
         """
         if condition not in CONDITIONS[1:]:
@@ -215,12 +215,10 @@ class PhantomStudy:
                 continue
             if "foraminal" in condition:
                 carriers = self.series_of("sag_t1")
-                k = None
             else:
                 carriers = [ser for ser in self.series_of("ax_t2") if level in ser.levels]
-                k = carriers[0].geometry.nearest_slice(self.spine.disc_centre(level.replace("/", "-"))) if carriers else None
             if carriers:
-                out.append(_point_on(carriers[0], level, p, grades[level], g_k=k))
+                out.append(_point_on(carriers[0], level, p, grades[level]))
         return out
 
     def label_rows(self) -> list[tuple[int, int, str, str, float, float]]:
@@ -260,10 +258,10 @@ class PhantomStudy:
         return out
 
 
-def _point_on(ser: PhantomSeries, level: str, p: np.ndarray, severity: str, g_k: int | None) -> dict:
-    """Label point of patient-mm ``p`` on slice ``g_k`` of ``ser`` (default: the slice nearest ``p``)."""
+def _point_on(ser: PhantomSeries, level: str, p: np.ndarray, severity: str) -> dict:
+    """Label point of patient-mm ``p`` on the slice of ``ser`` nearest to it."""
     g = ser.geometry
-    k = g.nearest_slice(p) if g_k is None else int(g_k)
+    k = g.nearest_slice(p)
     x, y, _ = g.to_pixel(p, k)
     x, y = round(x, 2), round(y, 2)
     point = dict(level=level, series_id=ser.series_id, k=k, instance_number=ser.instance_numbers[k], x=x, y=y)
