@@ -173,7 +173,9 @@ def test_rsna_layout_tables(rsna_set):
     for row in train:
         st = studies[row["study_id"]]
         assert [row[f"spinal_canal_stenosis_{lv}"] for lv in levels] == list(st.labels()["stenosis"].values())
-        assert all(row[f"{c}_{lv}"] == st.grades()[c][lv2] for c in RSNA_CONDITIONS for lv, lv2 in zip(levels, RSNA_LEVELS))
+        assert all(
+            row[f"{c}_{lv}"] == st.grades()[c][lv2] for c in RSNA_CONDITIONS for lv, lv2 in zip(levels, RSNA_LEVELS)
+        )
     for row in spinal:
         assert row["level"] in RSNA_LEVELS
         assert len(row["x"].split(".")[1]) == 2 and len(row["y"].split(".")[1]) == 2

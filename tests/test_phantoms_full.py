@@ -230,7 +230,9 @@ def test_tables_in_the_real_layout(full_set):
     for r in coords[1:]:
         assert r[3] in CONDITION_NAMES and r[4] in LEVELS and (r[0], r[1]) in listed
         expected = next((d for key, d in where.items() if r[3].startswith(key)), "Axial T2")
-        assert listed[(r[0], r[1])] == expected or (r[3] == CONDITION_NAMES[0] and listed[(r[0], r[1])] == "Sagittal T1")
+        assert listed[(r[0], r[1])] == expected or (
+            r[3] == CONDITION_NAMES[0] and listed[(r[0], r[1])] == "Sagittal T1"
+        )
         assert (full_set / "train_images" / r[0] / r[1] / f"{r[2]}.dcm").is_file()
     assert len(coords) - 1 == sum(len(st.label_rows()) for st in studies) > 4 * 20
 

@@ -11,15 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from bundle.phantoms.anatomy import (
-    BODY_NAMES,
-    SIDES,
-    Lateral,
-    Spine,
-    check_class_frequencies,
-    sample_lateral,
-    sample_spine,
-)
+from bundle.phantoms.anatomy import BODY_NAMES, Lateral, Spine, check_class_frequencies, sample_lateral, sample_spine
 from bundle.phantoms.geometry import (
     SeriesGeometry,
     sample_axial,
@@ -28,7 +20,7 @@ from bundle.phantoms.geometry import (
     sample_sagittal,
 )
 from bundle.phantoms.render import render_series
-from bundle.rsna_labels import CONDITION_NAMES, CONDITIONS, LEVELS, SEVERITIES
+from bundle.rsna_labels import CONDITION_NAMES, CONDITIONS, LEVELS
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
 from pydicom.uid import generate_uid
 
@@ -165,10 +157,7 @@ class PhantomStudy:
         if not carriers:
             return []
         classes = self.labels()["stenosis"]
-        return [
-            _point_on(carriers[0], level, p, classes[level])
-            for level, p in self.keypoints_mm()["canal"].items()
-        ]
+        return [_point_on(carriers[0], level, p, classes[level]) for level, p in self.keypoints_mm()["canal"].items()]
 
     def condition_points_mm(self) -> dict[str, dict[str, np.ndarray]]:
         """Ground truth of the lateral conditions in patient mm: ``{condition key: {level: (3,)}}``.
@@ -223,10 +212,16 @@ class PhantomStudy:
 
     def label_rows(self) -> list[tuple[int, int, str, str, float, float]]:
         """Rows of train_label_coordinates.csv: ``(series_id, instance_number, condition name, level, x, y)``."""
-        rows = [(p["series_id"], p["instance_number"], CONDITION_NAMES[0], p["level"], p["x"], p["y"]) for p in self.rsna_points()]
+        rows = [
+            (p["series_id"], p["instance_number"], CONDITION_NAMES[0], p["level"], p["x"], p["y"])
+            for p in self.rsna_points()
+        ]
         if self.lateral is not None:
             for cond, name in zip(CONDITIONS[1:], CONDITION_NAMES[1:]):
-                rows += [(p["series_id"], p["instance_number"], name, p["level"], p["x"], p["y"]) for p in self.condition_points(cond)]
+                rows += [
+                    (p["series_id"], p["instance_number"], name, p["level"], p["x"], p["y"])
+                    for p in self.condition_points(cond)
+                ]
         return rows
 
     def tianchi_points(self) -> list[dict]:
@@ -385,7 +380,12 @@ def _full_layout(
 def _empty_cells(rng: np.random.Generator) -> set[tuple[str, str]]:
     """(condition key, level) cells of the lateral conditions left empty (unscored) in train.csv."""
     u = rng.random((len(CONDITIONS) - 1, len(LEVELS)))
-    return {(c, lv) for i, c in enumerate(CONDITIONS[1:]) for j, lv in enumerate(LEVELS) if u[i, j] < SERIES_RATES["empty_cell"]}
+    return {
+        (c, lv)
+        for i, c in enumerate(CONDITIONS[1:])
+        for j, lv in enumerate(LEVELS)
+        if u[i, j] < SERIES_RATES["empty_cell"]
+    }
 
 
 def phantom_study(
