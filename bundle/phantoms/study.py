@@ -11,7 +11,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from bundle.phantoms.anatomy import BODY_NAMES, Lateral, Spine, check_class_frequencies, sample_lateral, sample_spine
+from bundle.phantoms.anatomy import (
+    BODY_NAMES,
+    DISC_NAMES,
+    Lateral,
+    Spine,
+    check_class_frequencies,
+    sample_lateral,
+    sample_spine,
+)
 from bundle.phantoms.geometry import (
     SeriesGeometry,
     sample_axial,
@@ -190,9 +198,9 @@ class PhantomStudy:
         """Label points of one lateral condition (key, e.g. "left_subarticular_stenosis") on their series.
 
         Foraminal points lie on the first sagittal T1 slice nearest the foramen; subarticular points on the
-        slice of the axial series covering the level that is nearest the recess point (which lies on the disc's
-        centre plane), projected on that slice. Dicts as :meth:`rsna_points`; levels whose series is missing or whose cell is empty
-        have no point.
+        slice of the axial series covering the level that is nearest the recess point (which lies on the
+        disc's centre plane), projected on that slice. Dicts as :meth:`rsna_points`; levels whose series is
+        missing or whose cell is empty have no point.
         """
         if condition not in CONDITIONS[1:]:
             raise ValueError(f"condition must be one of {CONDITIONS[1:]}, got {condition!r}")
@@ -370,7 +378,7 @@ def _full_layout(
         geom = _sagittal(rng, spine, fov_points, min_size, max_size, top_s)
         out.append(_series(rng, (seed, index, j), "sag_t1", RSNA_DESCRIPTIONS["sag_t1"], geom, numbers[j]))
     for j, (mode, levels) in enumerate(axials, start=1 + n_t1):
-        disc_s = np.array([spine.disc_s[BODY_NAMES.index(lv.split("/")[0])] for lv in levels])
+        disc_s = np.array([spine.disc_s[DISC_NAMES.index(lv.replace("/", "-"))] for lv in levels])
         sampler = sample_axial_stack if mode == "stack" else sample_axial_blocks
         geom = sampler(rng, spine, disc_s, min_size, max_size)
         out.append(_series(rng, (seed, index, j), "ax_t2", RSNA_DESCRIPTIONS["ax_t2"], geom, numbers[j], levels))
