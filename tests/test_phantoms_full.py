@@ -275,6 +275,13 @@ def test_bad_rows_give_clear_errors(full_set, tmp_path):
     cases = [
         ("train_label_coordinates.csv", 12, "Neural Foraminal", "Neural Foramen", r"row 12: unknown condition"),
         ("train.csv", 3, ",Moderate,", ",Moderat,", r"train\.csv, row 3: unknown severity 'Moderat' in column"),
+        (
+            "train.csv",
+            1,
+            "stenosis_l5_s1\n",
+            "stenosis_l5\n",
+            r"missing column\(s\) \['right_subarticular_stenosis_l5_s1'\]",
+        ),
     ]
     for i, (name, line, old, new, message) in enumerate(cases):
         root = tmp_path / str(i)
