@@ -16,7 +16,7 @@ from bundle.io.dicom_series import (
 )
 from bundle.io.loader import LoadSagittalSeriesd, load_sagittal_series
 from bundle.io.pixels import read_dicom_pixels, read_header
-from bundle.io.rsna import build_rsna_datalist
+from bundle.io.rsna import build_rsna_datalist, read_rsna_condition_labels
 from bundle.io.series_selection import SeriesInfo, group_series, read_series_descriptions, select_sagittal_t2, weighting
 from bundle.io.spacing import InPlaneSpacing, InPlaneSpacingd
 from bundle.io.tianchi import DEFAULT_TIANCHI_CLASS_MAP, build_tianchi_datalist, index_dicom_folder
@@ -45,6 +45,7 @@ __all__ = [
     "select_sagittal_t2",
     "weighting",
     "build_rsna_datalist",
+    "read_rsna_condition_labels",
     "DEFAULT_TIANCHI_CLASS_MAP",
     "build_tianchi_datalist",
     "index_dicom_folder",

@@ -19,12 +19,13 @@ from bundle.io.dicom_series import SliceHeader, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.io.series_selection import RSNA_SAGITTAL_T2
 from bundle.rsna_labels import CONDITION_NAMES as RSNA_CONDITIONS
+from bundle.rsna_labels import CONDITIONS as CONDITION_KEYS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 from bundle.rsna_labels import SEVERITIES, snake
 from bundle.skipping import skipped_item
 from bundle.streams import RSNA_STREAMS
 
-__all__ = ["build_rsna_datalist", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
+__all__ = ["build_rsna_datalist", "read_rsna_condition_labels", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,9 +62,9 @@ def _read_series(path: Path) -> dict[str, list[tuple[str, str]]]:
     return out
 
 
-def _read_labels(path: Path) -> dict[str, list[int]]:
-    """study_id -> spinal canal stenosis class per level (-1 for an empty cell)."""
-    columns = [f"{snake(_SPINAL)}_{snake(level)}" for level in RSNA_LEVELS]
+def _read_labels(path: Path, conditions: tuple[str, ...] = (_SPINAL,)) -> dict[str, list[int]]:
+    """study_id -> class per (condition, level) cell, conditions then levels (-1 for an empty cell)."""
+    columns = [f"{snake(c)}_{snake(level)}" for c in conditions for level in RSNA_LEVELS]
     labels: dict[str, list[int]] = {}
     for line, row in _rows(path, {"study_id", *columns}):
         values = []
@@ -82,8 +83,8 @@ def _read_labels(path: Path) -> dict[str, list[int]]:
     return labels
 
 
-def _read_points(path: Path) -> dict[str, list[dict]]:
-    """study_id -> spinal canal points; every row's condition, level and numbers are checked."""
+def _read_points(path: Path, conditions: tuple[str, ...] = (_SPINAL,)) -> dict[str, list[dict]]:
+    """study_id -> points of ``conditions`` (display names); every row's condition, level and numbers are checked."""
     points: dict[str, list[dict]] = {}
     required = {"study_id", "series_id", "instance_number", "condition", "level", "x", "y"}
     for line, row in _rows(path, required):
@@ -97,10 +98,12 @@ def _read_points(path: Path) -> dict[str, list[dict]]:
             raise BundleInputError(f"{where}: non-numeric instance_number/x/y ({err})") from err
         if not (math.isfinite(x) and math.isfinite(y)):
             raise BundleInputError(f"{where}: coordinates must be finite, got x={row['x']}, y={row['y']}")
-        if condition == _SPINAL:
-            points.setdefault(row["study_id"], []).append(
-                {"series_id": row["series_id"], "instance": instance, "level": level, "x": x, "y": y, "where": where}
-            )
+        if condition in conditions:
+            point = {"series_id": row["series_id"], "instance": instance, "level": level, "x": x, "y": y}
+            if conditions != (_SPINAL,):
+                point["condition"] = condition
+            point["where"] = where
+            points.setdefault(row["study_id"], []).append(point)
     return points
 
 
@@ -207,3 +210,47 @@ def _labelled_item(
         "series_id": chosen,
         "keypoints": {RSNA_STREAMS[0].name: {"mm": mm, "label": list(study_labels)}},
     }
+
+
+def read_rsna_condition_labels(root: str | os.PathLike) -> dict[str, dict[str, dict[str, dict]]]:
+    """Every condition's labels per study from ``train.csv``, ``train_label_coordinates.csv`` and the series list.
+
+    Returns ``{study_id: {condition key ("left_subarticular_stenosis", ...): {level ("L1/L2", ...): {"severity":
+    class index or -1 (empty cell), "series_id": str | None, "instance_number": int | None, "x", "y": float
+    pixels of that instance | None, "description": the series' description | None}}}}`` for all 25 cells of
+    every train.csv study, in file order. Points are taken as written (the first row of a repeated
+    (study, condition, level) wins). Raises BundleInputError naming the file and row for a bad cell or row,
+    a point of a study missing from train.csv, or a point on a series the series list does not give the study.
+    """
+    root = Path(root).resolve()
+    series_csv, labels_csv, points_csv = (
+        root / "train_series_descriptions.csv",
+        root / "train.csv",
+        root / "train_label_coordinates.csv",
+    )
+    descriptions = {study: dict(pairs) for study, pairs in _read_series(series_csv).items()}
+    labels = _read_labels(labels_csv, tuple(RSNA_CONDITIONS))
+    out: dict[str, dict[str, dict[str, dict]]] = {}
+    for study, cells in labels.items():
+        grid = iter(cells)
+        out[study] = {
+            key: {lv: {"severity": next(grid), **dict.fromkeys(_POINT_FIELDS)} for lv in RSNA_LEVELS}
+            for key in CONDITION_KEYS
+        }
+    for study, study_points in _read_points(points_csv, tuple(RSNA_CONDITIONS)).items():
+        if study not in out:
+            raise BundleInputError(f"{study_points[0]['where']}: study {study} is not in {labels_csv}")
+        for p in study_points:
+            desc = descriptions.get(study, {}).get(p["series_id"])
+            if desc is None:
+                raise BundleInputError(
+                    f"{p['where']}: series {p['series_id']} is not listed for study {study} in {series_csv}"
+                )
+            cell = out[study][snake(p["condition"])][p["level"]]
+            if cell["series_id"] is None:
+                cell.update(series_id=p["series_id"], instance_number=p["instance"], x=p["x"], y=p["y"])
+                cell["description"] = desc
+    return out
+
+
+_POINT_FIELDS = ("series_id", "instance_number", "x", "y", "description")

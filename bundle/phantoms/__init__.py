@@ -1,8 +1,9 @@
 """Embedded phantom data set: deterministic synthetic lumbar spine MRI written as real DICOM.
 
 Studies are generated from ``(seed, index)`` in patient mm (anatomy, degeneration labels, series
-geometry) and written in the RSNA 2024 or Tianchi layout, so the same readers serve real and phantom
-data. ``phantom_study`` gives the in-memory ground truth (keypoints in patient mm, classes, geometry)
+geometry) and written in the RSNA 2024 (full layout: sagittal T2, sagittal T1 and axial T2 series, all
+25 condition-levels) or Tianchi layout, so the same readers serve real and phantom data.
+``phantom_study`` gives the in-memory ground truth (keypoints in patient mm, classes, geometry)
 without touching the disk.
 
 Example:
@@ -12,15 +13,17 @@ Example:
     ['canal', 'disc', 'vertebra']
 """
 
-from bundle.phantoms.anatomy import DEFAULT_CLASS_FREQUENCIES, Spine, check_class_frequencies
+from bundle.phantoms.anatomy import DEFAULT_CLASS_FREQUENCIES, Lateral, Spine, check_class_frequencies
 from bundle.phantoms.geometry import SeriesGeometry
 from bundle.phantoms.layouts import RSNA_CONDITIONS, generate_phantoms
-from bundle.phantoms.study import PHI_MARKER, PhantomSeries, PhantomStudy, phantom_study
+from bundle.phantoms.study import PHI_MARKER, SERIES_RATES, PhantomSeries, PhantomStudy, phantom_study
 
 __all__ = [
     "PHI_MARKER",
     "DEFAULT_CLASS_FREQUENCIES",
     "RSNA_CONDITIONS",
+    "SERIES_RATES",
+    "Lateral",
     "PhantomSeries",
     "PhantomStudy",
     "SeriesGeometry",

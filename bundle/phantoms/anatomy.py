@@ -20,9 +20,14 @@ __all__ = [
     "BODY_NAMES",
     "DISC_NAMES",
     "DEFAULT_CLASS_FREQUENCIES",
+    "FORAMEN_RESIDUAL",
+    "RECESS_NARROWING",
     "STENOSIS_RESIDUAL",
+    "SIDES",
+    "Lateral",
     "Spine",
     "check_class_frequencies",
+    "sample_lateral",
     "sample_spine",
 ]
 
@@ -39,7 +44,15 @@ DEFAULT_CLASS_FREQUENCIES: dict[str, tuple[float, ...]] = {
     "stenosis": (0.80, 0.13, 0.07),  # Normal/Mild, Moderate, Severe (RSNA spinal canal stenosis)
     "disc": (0.65, 0.35),  # Normal, Degenerative (Tianchi discs)
     "vertebra": (0.70, 0.30),  # Normal, Degenerative (Tianchi vertebrae)
+    # real RSNA class frequencies (data-formats.md), normalised (the published figures are rounded)
+    "foraminal": tuple(float(f) / 1.001 for f in (0.780, 0.181, 0.040)),  # neural foraminal narrowing
+    "subarticular": (0.714, 0.190, 0.096),  # subarticular stenosis
 }
+SIDES = ("left", "right")  # patient left is +x (LPS)
+# foraminal fat: radii of the residual fat ellipse / the normal foramen, range per grade
+FORAMEN_RESIDUAL = ((0.85, 1.0), (0.5, 0.62), (0.15, 0.3))
+# lateral recess: radius of the facet / ligamentum bulge / canal half-width, range per grade
+RECESS_NARROWING = ((0.0, 0.1), (0.45, 0.6), (0.75, 0.9))
 # residual canal AP width / normal width, range per stenosis class
 STENOSIS_RESIDUAL = ((0.88, 1.0), (0.45, 0.55), (0.10, 0.20))
 _DEGENERATIVE_DISC_TAGS = ("v2", "v3", "v4", "v2,v5", "v3,v5", "v5")
@@ -47,7 +60,8 @@ _STENOSIS_DISCS = tuple(level.replace("/", "-") for level in RSNA_LEVELS)  # "L1
 
 
 def check_class_frequencies(freqs: Mapping[str, Sequence[float]] | None) -> dict[str, tuple[float, ...]]:
-    """Validate and normalise class frequencies ``{"stenosis": 3, "disc": 2, "vertebra": 2 values}``.
+    """Validate and normalise class frequencies ``{"stenosis": 3, "disc": 2, "vertebra": 2, "foraminal": 3,
+    "subarticular": 3 values}``.
 
     Missing keys keep their defaults; values must be non-negative with a positive sum.
 
@@ -189,6 +203,43 @@ class Spine:
             "vertebra": {lv: tianchi[c] for lv, c in zip(TIANCHI_VERTEBRA_LEVELS, self.vertebra_labels)},
         }
 
+    # ---- lateral structures (foramina, lateral recesses): spine coordinates, no random draws
+    def tangent(self, s: float) -> np.ndarray:
+        """Unit vector (3,) along the centreline at ``s``, pointing to the head (the disc-plane normal at a disc)."""
+        d = _rotate(self.apex_dir, (float(s) - self.s_apex) / self.radius)
+        return np.array([0.0, d[1], -d[0]])  # d/ds of point() is (-d[1], d[0]): towards the feet
+
+    def foramen(self, disc: int) -> tuple[float, float, float, float, float]:
+        """Foramen below body ``disc`` (``DISC_NAMES`` index): centre ``(s, u)``, half extents ``(a_s, b_u)``, ``|dx|``.
+
+        The foramen spans the gap between the pedicles of the two bodies (see the renderer's pedicle boxes),
+        antero-posteriorly the canal's extent, laterally just outside the dural sac.
+        """
+        c, h = self.body_s[disc], self.body_half[disc]
+        c2, h2 = self.body_s[disc + 1], self.body_half[disc + 1]
+        lo = c + 0.1 * h
+        hi = c2 - (0.6 if BODY_NAMES[disc + 1] == "S1" else 0.8) * h2
+        s = 0.5 * (lo + hi)
+        ant = 0.5 * float(self.depth_at(s))
+        b = 0.5 * (self.canal_gap + float(self.canal_width_at(s)))
+        return float(s), ant + b, 0.5 * (hi - lo), b, self.canal_half_width + 4.0 * self.scale
+
+    def foramen_point(self, level: str, side: str) -> np.ndarray:
+        """Patient-mm centre (3,) of the neural foramen of an RSNA ``level`` ("L4/L5") on ``side`` ("left"|"right")."""
+        s, u, _, _, lat = self.foramen(DISC_NAMES.index(level.replace("/", "-")))
+        return self.point(s, u, lat if side == "left" else -lat)
+
+    def recess(self, disc: int) -> tuple[float, float, float]:
+        """Lateral recess at disc ``disc`` (``DISC_NAMES`` index): ``(s, u, |dx|)`` of the label point in the CSF."""
+        s = float(self.disc_s[disc])
+        ant = 0.5 * float(self.depth_at(s)) + self.canal_gap
+        return s, ant + 0.62 * float(self.canal_width_at(s)), 0.7 * self.canal_half_width
+
+    def recess_point(self, level: str, side: str) -> np.ndarray:
+        """Patient-mm point (3,) in the lateral recess of an RSNA ``level`` on ``side`` at the disc's centre plane."""
+        s, u, lat = self.recess(DISC_NAMES.index(level.replace("/", "-")))
+        return self.point(s, u, lat if side == "left" else -lat)
+
 
 def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]]) -> Spine:
     """Draw a random spine: size, curvature, tilt, position and per-level degeneration.
@@ -272,4 +323,45 @@ def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]])
         disc_labels=tuple(int(c) for c in disc_deg_lab),
         vertebra_labels=tuple(int(c) for c in vert_deg_lab),
         disc_tags=tags,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class Lateral:
+    """Neural foraminal narrowing and subarticular stenosis of one phantom spine, per side and RSNA level.
+
+    Grades are class indices (``RSNA_SEVERITIES``), ``[side][level]`` with sides ``SIDES`` and levels
+    ``RSNA_LEVELS``. ``foramen_residual`` scales the foraminal fat ellipse (1 = normal);
+    ``recess_narrowing`` is the radius of the posterolateral bulge into the recess / canal half-width.
+    """
+
+    foraminal: tuple[tuple[int, ...], tuple[int, ...]]
+    subarticular: tuple[tuple[int, ...], tuple[int, ...]]
+    foramen_residual: np.ndarray  # (2, 5)
+    recess_narrowing: np.ndarray  # (2, 5)
+
+    def labels(self) -> dict[str, dict[str, dict[str, str]]]:
+        """``{"foraminal"|"subarticular": {"left"|"right": {"L1/L2": "Normal/Mild", ..}}}``."""
+        out = {}
+        for name, grades in (("foraminal", self.foraminal), ("subarticular", self.subarticular)):
+            out[name] = {
+                side: {lv: RSNA_SEVERITIES[c] for lv, c in zip(RSNA_LEVELS, g)} for side, g in zip(SIDES, grades)
+            }
+        return out
+
+
+def sample_lateral(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]]) -> Lateral:
+    """Draw the lateral conditions: grades independent per side and level with ``freqs["foraminal"|"subarticular"]``."""
+    shape = (len(SIDES), len(RSNA_LEVELS))
+    fora = rng.choice(3, size=shape, p=freqs["foraminal"])
+    sub = rng.choice(3, size=shape, p=freqs["subarticular"])
+    lo, hi = np.array(FORAMEN_RESIDUAL).T
+    residual = rng.uniform(lo[fora], hi[fora])
+    lo, hi = np.array(RECESS_NARROWING).T
+    narrowing = rng.uniform(lo[sub], hi[sub])
+    return Lateral(
+        foraminal=tuple(tuple(int(c) for c in row) for row in fora),
+        subarticular=tuple(tuple(int(c) for c in row) for row in sub),
+        foramen_residual=residual,
+        recess_narrowing=narrowing,
     )

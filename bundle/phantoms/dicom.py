@@ -71,9 +71,9 @@ def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np
     ds.SeriesNumber = series.series_number
     ds.InstanceNumber = series.instance_numbers[k]
     ds.ImagePositionPatient = [_ds(v) for v in g.positions[k]]
-    ds.ImageOrientationPatient = [_ds(v) for v in g.orientation]
+    ds.ImageOrientationPatient = [_ds(v) for v in g.slice_orientation(k)]
     ds.FrameOfReferenceUID = study.frame_uid
-    ds.SliceLocation = _ds(float(g.positions[k] @ g.normal))
+    ds.SliceLocation = _ds(float(g.positions[k] @ g.dirs(k)[2]))
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = series.photometric
     ds.Rows = g.rows

@@ -14,7 +14,6 @@ import pydicom
 from bundle.errors import BundleInputError
 from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
 from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
-from bundle.rsna_labels import CONDITION_NAMES
 from bundle.rsna_labels import CONDITIONS as RSNA_CONDITIONS
 from bundle.rsna_labels import LEVEL_KEYS as _RSNA_LEVEL_KEYS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
@@ -114,21 +113,10 @@ def _write_rsna_tables(studies: Sequence[PhantomStudy], out: Path) -> None:
         [["study_id", "series_id", "series_description"]],
     )
     for st in studies:
-        sten = st.labels()["stenosis"]
-        train.append([st.study_id] + [sten[lv] for lv in RSNA_LEVELS] + [""] * (len(header) - 1 - len(RSNA_LEVELS)))
-        sag = st.sagittal_t2
-        for p in st.rsna_points():
-            coords.append(
-                [
-                    st.study_id,
-                    sag.series_id,
-                    p["instance_number"],
-                    CONDITION_NAMES[0],  # Spinal Canal Stenosis
-                    p["level"],
-                    f"{p['x']:.2f}",
-                    f"{p['y']:.2f}",
-                ]
-            )
+        grades = st.grades()
+        train.append([st.study_id] + [grades.get(c, {}).get(lv, "") for c in RSNA_CONDITIONS for lv in RSNA_LEVELS])
+        for series_id, instance, condition, level, x, y in st.label_rows():
+            coords.append([st.study_id, series_id, instance, condition, level, f"{x:.2f}", f"{y:.2f}"])
         series += [[st.study_id, ser.series_id, ser.description] for ser in st.series]
     for name, rows in zip(_RSNA_TABLES, (train, coords, series)):
         write_atomic(out / name, _csv_bytes(rows))

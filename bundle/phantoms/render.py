@@ -10,8 +10,9 @@ numpy; the only Python loop is over slices.
 from __future__ import annotations
 
 import numpy as np
-from bundle.phantoms.anatomy import BODY_NAMES, Spine
+from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, Lateral, Spine, _smoothstep
 from bundle.phantoms.geometry import SeriesGeometry
+from bundle.streams import RSNA_LEVELS
 
 __all__ = ["CONTRASTS", "render_series"]
 
@@ -55,6 +56,10 @@ CONTRASTS: dict[str, dict[str, float]] = {
 _CHUNK_PIXELS = 32768  # pixels rendered per block
 _TABLE_STEP = 0.25  # mm between samples of the per-level parameter table along s
 _D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC = range(17)
+# lateral table: nearest foramen (centre s, u, half extents a, b, fat ellipse scale left/right) and recess bulge
+# radius / canal half-width (left/right) at the nearest disc
+_FS, _FU, _FA, _FB, _FL, _FR, _RL, _RR = range(8)
+_OTHER_FORAMEN_RESIDUAL = 0.95  # foramina outside the five RSNA levels
 
 
 def _clip(a, lo, hi):
@@ -103,6 +108,25 @@ def _profile_table(sp: Spine) -> tuple[float, np.ndarray]:
     return s0, np.ascontiguousarray(t.T, dtype=np.float32)
 
 
+def _lateral_table(sp: Spine, lateral: Lateral) -> np.ndarray:
+    """Per-s lateral parameters, shape (n, 8) float32, on the grid of :func:`_profile_table`."""
+    s = np.arange(-300.0, sp.body_s[-1] + 300.0, _TABLE_STEP)
+    n_fora = DISC_NAMES.index("L5-S1") + 1
+    fora = np.array([sp.foramen(k)[:4] for k in range(n_fora)])
+    rho = np.full((n_fora, 2), _OTHER_FORAMEN_RESIDUAL)
+    narrow = np.zeros((len(DISC_NAMES), 2))
+    for j, level in enumerate(RSNA_LEVELS):
+        k = DISC_NAMES.index(level.replace("/", "-"))
+        rho[k] = lateral.foramen_residual[:, j]
+        narrow[k] = lateral.recess_narrowing[:, j]
+    kf = np.clip(np.searchsorted(0.5 * (fora[1:, 0] + fora[:-1, 0]), s), 0, n_fora - 1)
+    kd = np.clip(np.searchsorted(0.5 * (sp.disc_s[1:] + sp.disc_s[:-1]), s), 0, len(sp.disc_s) - 1)
+    taper = 4.0 * sp.scale
+    w = _smoothstep((sp.disc_half[kd] + taper - np.abs(s - sp.disc_s[kd])) / taper)
+    t = np.concatenate([fora[kf], rho[kf], narrow[kd] * w[:, None]], axis=1)
+    return np.ascontiguousarray(t, dtype=np.float32)
+
+
 def _rounded_box_sdf(da: np.ndarray, db: np.ndarray, ha, hb, r) -> np.ndarray:
     """Signed distance (negative inside) to a rounded rectangle; ``da, db`` absolute offsets from its centre."""
     qa = da - ha + r
@@ -110,8 +134,13 @@ def _rounded_box_sdf(da: np.ndarray, db: np.ndarray, ha, hb, r) -> np.ndarray:
     return _hypot(np.maximum(qa, 0), np.maximum(qb, 0)) + np.minimum(np.maximum(qa, qb), 0) - r
 
 
-def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict[str, float], edge: float, tex) -> np.ndarray:
-    """Noise-free signal of one slice; ``x, y, z`` (H, W) patient mm, ``tex`` (H, W) soft-tissue texture."""
+def _slice(
+    sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict[str, float], edge: float, tex, ltab=None
+) -> np.ndarray:
+    """Noise-free signal of one slice; ``x, y, z`` (H, W) patient mm, ``tex`` (H, W) soft-tissue texture.
+
+    ``ltab`` (:func:`_lateral_table`) adds the graded foraminal fat loss and lateral recess bulges.
+    """
     inv = np.float32(1.0 / edge)
 
     def soft(d):  # inside-fraction of a signed distance (mm, negative inside)
@@ -162,7 +191,9 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict[str, float], 
     # pedicles and neural foramina (fat) lateral to the dural sac
     wc = f32(sp.canal_half_width)
     region = soft(np.abs(lat - wc - 4 * sc) - 5 * sc) * soft(np.maximum(hd - u, u - post))
-    img += (v["foramen"] + (v["posterior"] - v["foramen"]) * p[_PED] - img) * region
+    q = None if ltab is None else np.ascontiguousarray(np.moveaxis(ltab[idx], -1, 0))  # (8, H, W)
+    occl = p[_PED] if q is None else np.maximum(p[_PED], 1 - _foramen_fat(q, s, u, dx > 0, soft))
+    img += (v["foramen"] + (v["posterior"] - v["foramen"]) * occl - img) * region
 
     # posterior elements: spinous process at the midline, laminae, facets lateral to the sac
     front_pe = post + 0.5 - f32(8.0) * _clip((lat - wc) * f32(0.25), 0, 1)
@@ -170,6 +201,11 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict[str, float], 
     f_pe = p[_PE] * soft(np.maximum(front_pe - u, u - back_pe)) * soft(lat - 26 * sc)
     img += (v["posterior"] - img) * f_pe
 
+    if q is not None:  # facet / ligamentum bulge into each lateral recess
+        rad = np.where(dx > 0, q[_RL], q[_RR]) * wc
+        bulge = soft(_hypot(u - post, lat - wc) - rad) * _clip(rad * inv, 0, 1) * soft(lat - wc)  # inside the canal
+        img += (v["ligament"] - img) * bulge
+        csf *= 1 - bulge
     # dural sac: dark intruding tissue where stenosed, CSF (with cord above the conus) elsewhere
     img += (v["ligament"] - img) * sac
     img += (v["csf"] + (v["cord"] - v["csf"]) * cord - img) * csf
@@ -204,32 +240,47 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict[str, float], 
     return img
 
 
+def _foramen_fat(q: np.ndarray, s, u, left, soft) -> np.ndarray:
+    """Fat fraction (H, W) of the nearest foramen: an ellipse in (s, u) scaled by the side's residual."""
+    rho = np.where(left, q[_FL], q[_FR])
+    ea = rho * q[_FA] + np.float32(1e-3)
+    eb = rho * q[_FB] + np.float32(1e-3)
+    ds, du = (s - q[_FS]) / ea, (u - q[_FU]) / eb
+    return soft((np.sqrt(ds * ds + du * du) - 1) * np.minimum(ea, eb))
+
+
 def _wave(waves: dict, geom: SeriesGeometry, k: int, amp: float = 0.08) -> np.ndarray:
     """Smooth soft-tissue texture (rows, cols) of slice ``k``: plane waves in patient mm, separable in rows/columns."""
     tex = np.ones((geom.rows, geom.cols), np.float32)
     i = np.arange(geom.rows) * geom.pixel_spacing[0]
     j = np.arange(geom.cols) * geom.pixel_spacing[1]
     n_waves = len(waves["phase"])
+    col_dir, row_dir, _ = geom.dirs(k)
     for kv, ph in zip(waves["k"], waves["phase"]):
-        a = kv @ geom.positions[k] + ph + i * (kv @ geom.row_dir)
-        b = j * (kv @ geom.col_dir)
+        a = kv @ geom.positions[k] + ph + i * (kv @ row_dir)
+        b = j * (kv @ col_dir)
         tex += (amp / n_waves) * (np.sin(a)[:, None] * np.cos(b)[None] + np.cos(a)[:, None] * np.sin(b)[None]).astype(
             np.float32
         )
     return tex
 
 
-def render_series(spine: Spine, geom: SeriesGeometry, contrast: str, rng: np.random.Generator) -> np.ndarray:
+def render_series(
+    spine: Spine, geom: SeriesGeometry, contrast: str, rng: np.random.Generator, lateral: Lateral | None = None
+) -> np.ndarray:
     """Render all slices of a series: float32 array (S, rows, cols) in spatial order, non-negative signal.
 
     ``contrast`` is "T2" or "T1". Randomness (tissue contrast, texture, bias field, noise) comes
-    from ``rng`` only, so equal generator states give identical images.
+    from ``rng`` only, so equal generator states give identical images. ``lateral`` adds the graded
+    foraminal narrowing and subarticular stenosis (without it, the foramina and recesses are all normal
+    as in sets made before these conditions existed).
     """
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {sorted(CONTRASTS)}, got {contrast!r}")
     gamma = rng.uniform(0.8, 1.25)  # random contrast, applied to the tissue signals
     v = {k: np.float32((val * rng.uniform(0.9, 1.1)) ** gamma) for k, val in CONTRASTS[contrast].items()}
     s0, tab = _profile_table(spine)
+    ltab = None if lateral is None else _lateral_table(spine, lateral)
     edge = max(0.8, 0.7 * geom.pixel_spacing[0])
     # smooth multiplicative bias field over the field of view (normalised coordinates in [-1, 1])
     yy = np.linspace(-1, 1, geom.rows)[:, None]
@@ -247,7 +298,7 @@ def render_series(spine: Spine, geom: SeriesGeometry, contrast: str, rng: np.ran
         tex = _wave(waves, geom, k)
         for r in range(0, geom.rows, step):  # row blocks that stay in cache: ~2.5x faster than whole slices
             sl = slice(r, r + step)
-            img[sl] = _slice(spine, s0, tab, x[sl], y[sl], z[sl], v, edge, tex[sl])
+            img[sl] = _slice(spine, s0, tab, x[sl], y[sl], z[sl], v, edge, tex[sl], ltab)
         sig = np.maximum(img * bias, 0)
         n1 = rng.standard_normal(sig.shape, dtype=np.float32)
         n2 = rng.standard_normal(sig.shape, dtype=np.float32)

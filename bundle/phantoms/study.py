@@ -11,13 +11,38 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
-from bundle.phantoms.anatomy import BODY_NAMES, Spine, check_class_frequencies, sample_spine
-from bundle.phantoms.geometry import SeriesGeometry, sample_axial, sample_sagittal
+from bundle.phantoms.anatomy import (
+    BODY_NAMES,
+    DISC_NAMES,
+    Lateral,
+    Spine,
+    check_class_frequencies,
+    sample_lateral,
+    sample_spine,
+)
+from bundle.phantoms.geometry import (
+    SeriesGeometry,
+    sample_axial,
+    sample_axial_blocks,
+    sample_axial_stack,
+    sample_sagittal,
+)
 from bundle.phantoms.render import render_series
+from bundle.rsna_labels import CONDITION_NAMES, CONDITIONS, LEVELS
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
 from pydicom.uid import generate_uid
 
-__all__ = ["PHI_MARKER", "LAYOUTS", "FOV_TOPS", "PhantomSeries", "PhantomStudy", "phantom_study", "fov_top_s"]
+__all__ = [
+    "PHI_MARKER",
+    "LAYOUTS",
+    "FOV_TOPS",
+    "RSNA_DESCRIPTIONS",
+    "SERIES_RATES",
+    "PhantomSeries",
+    "PhantomStudy",
+    "phantom_study",
+    "fov_top_s",
+]
 
 PHI_MARKER = "XPHIX"  # in PatientName, PatientID and InstitutionName of every phantom file
 LAYOUTS = ("rsna", "tianchi")
@@ -25,6 +50,20 @@ FOV_TOPS = ("T9", "T10", "T11", "T12", "L1")  # where the top of a lumbar sagitt
 _ID_STRIDE = 1_000_003  # ids = 10^7 + running number + stride * random: unique, and some above 2**31
 _TIANCHI_T2 = ("T2_SAG", "SAG T2 FSE", "t2_tse_sag")
 _TIANCHI_T1 = ("T1_SAG", "SAG T1 FSE")
+RSNA_DESCRIPTIONS = {"sag_t2": "Sagittal T2/STIR", "sag_t1": "Sagittal T1", "ax_t2": "Axial T2"}
+# independent random streams of the full RSNA layout, next to the study's main stream [seed, index]
+# (5 and 7 are the Tianchi file-name and point orders in layouts.py)
+_LATERAL_STREAM, _PLAN_STREAM, _EMPTY_STREAM = 11, 12, 14
+#: quirk rates of the full RSNA layout (per study unless said otherwise)
+SERIES_RATES = {
+    "no_sag_t2": 0.03,  # real data: 1 in 1,975; a few percent here so tests and batch runs meet it
+    "no_sag_t1": 0.03,  # only in studies that have a sagittal T2
+    "two_sag_t1": 0.05,
+    "axial_count": (0.03, 0.82, 0.12, 0.03),  # P(0, 1, 2, 3 axial T2 series)
+    "axial_stack": 0.35,  # a single axial series: one stack through all levels (else per-level blocks)
+    "axial_ascending": 0.25,  # per axial series: InstanceNumber 1 at the feet (else at the head)
+    "empty_cell": 0.0125,  # per foraminal / subarticular train.csv cell (about 1% of all 25 cells)
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -49,6 +88,7 @@ class PhantomSeries:
     intercept: float
     gain: float
     render_seed: tuple[int, ...]
+    levels: tuple[str, ...] = ()  # axial series of the full RSNA layout: the RSNA levels it covers
 
     @property
     def middle(self) -> int:
@@ -58,7 +98,11 @@ class PhantomSeries:
 
 @dataclass(frozen=True, eq=False)
 class PhantomStudy:
-    """A phantom study: ``series[0]`` is always the labelled sagittal T2 series."""
+    """A phantom study: ``series[0]`` is the labelled sagittal T2 series wherever the study has one.
+
+    RSNA-layout studies carry the lateral conditions (``lateral``) and the (condition key, level) cells
+    left empty in train.csv (``empty``); Tianchi studies have ``lateral=None``.
+    """
 
     layout: str
     seed: int
@@ -74,10 +118,22 @@ class PhantomStudy:
     institution: str
     spine: Spine
     series: tuple[PhantomSeries, ...]
+    lateral: Lateral | None = None
+    empty: frozenset = frozenset()
+
+    @property
+    def has_sagittal_t2(self) -> bool:
+        return bool(self.series) and self.series[0].kind == "sag_t2"
 
     @property
     def sagittal_t2(self) -> PhantomSeries:
+        if not self.has_sagittal_t2:
+            raise ValueError(f"phantom study {self.study_id} (seed {self.seed}, index {self.index}) has no sagittal T2")
         return self.series[0]
+
+    def series_of(self, kind: str) -> list[PhantomSeries]:
+        """The study's series of one kind ("sag_t2" | "sag_t1" | "ax_t2") in study order."""
+        return [ser for ser in self.series if ser.kind == kind]
 
     def keypoints_mm(self) -> dict[str, dict[str, np.ndarray]]:
         """Ground truth on the mid-sagittal plane, patient mm: see :meth:`Spine.keypoints`."""
@@ -89,7 +145,9 @@ class PhantomStudy:
 
     def pixels(self, series: PhantomSeries) -> np.ndarray:
         """Stored DICOM pixel values, uint16 (S, rows, cols) in spatial order."""
-        signal = render_series(self.spine, series.geometry, series.contrast, np.random.default_rng(series.render_seed))
+        lateral = None if series.kind == "sag_t2" else self.lateral  # the sagittal T2 stays as before them
+        rng = np.random.default_rng(series.render_seed)
+        signal = render_series(self.spine, series.geometry, series.contrast, rng, lateral)
         stored = np.rint((signal * series.gain - series.intercept) / series.slope)
         stored = np.clip(stored, 0, 65535).astype(np.uint16)
         if series.photometric == "MONOCHROME1":
@@ -99,21 +157,80 @@ class PhantomStudy:
     def rsna_points(self) -> list[dict]:
         """Spinal canal label points on the sagittal T2, each on the slice closest to the 3D point.
 
-        Returns ``[{"level", "k" (spatial index), "instance_number", "x", "y" (pixels, 2 decimals),
+        Returns ``[{"level", "series_id", "k" (spatial index), "instance_number", "x", "y" (pixels, 2 decimals),
         "mm" (projection of the 3D point on that slice, patient mm), "class"}]`` in ``RSNA_LEVELS`` order.
+        A study without sagittal T2 has them on its first sagittal T1 (as the real one), else none.
         """
-        ser = self.sagittal_t2
-        g = ser.geometry
+        carriers = self.series_of("sag_t2") or self.series_of("sag_t1")
+        if not carriers:
+            return []
         classes = self.labels()["stenosis"]
-        out = []
-        for level, p in self.keypoints_mm()["canal"].items():
-            k = g.nearest_slice(p)
-            x, y, _ = g.to_pixel(p, k)
-            x, y = round(x, 2), round(y, 2)
-            point = dict(level=level, k=k, instance_number=ser.instance_numbers[k], x=x, y=y, mm=g.to_mm(x, y, k))
-            point["class"] = classes[level]
-            out.append(point)
+        return [_point_on(carriers[0], level, p, classes[level]) for level, p in self.keypoints_mm()["canal"].items()]
+
+    def condition_points_mm(self) -> dict[str, dict[str, np.ndarray]]:
+        """Ground truth of the lateral conditions in patient mm: ``{condition key: {level: (3,)}}``.
+
+        Foraminal points are the foramen centres, subarticular points lie in the lateral recess on the
+        disc's centre plane; keys as ``bundle.rsna_labels.CONDITIONS[1:]``. Empty for Tianchi studies.
+        """
+        if self.lateral is None:
+            return {}
+        out = {}
+        for cond in CONDITIONS[1:]:
+            side = "left" if cond.startswith("left") else "right"
+            where = self.spine.foramen_point if "foraminal" in cond else self.spine.recess_point
+            out[cond] = {lv: where(lv, side) for lv in LEVELS}
         return out
+
+    def grades(self) -> dict[str, dict[str, str]]:
+        """All 25 train.csv cells: ``{condition key: {level: severity name or "" (unscored)}}``."""
+        out = {CONDITIONS[0]: dict(self.labels()["stenosis"])}
+        if self.lateral is None:
+            return out
+        lab = self.lateral.labels()
+        for cond in CONDITIONS[1:]:
+            side = "left" if cond.startswith("left") else "right"
+            group = lab["foraminal" if "foraminal" in cond else "subarticular"][side]
+            out[cond] = {lv: "" if (cond, lv) in self.empty else group[lv] for lv in LEVELS}
+        return out
+
+    def condition_points(self, condition: str) -> list[dict]:
+        """Label points of one lateral condition (key, e.g. "left_subarticular_stenosis") on their series.
+
+        Foraminal points lie on the first sagittal T1 slice nearest the foramen; subarticular points on the
+        slice of the axial series covering the level that is nearest the recess point (which lies on the
+        disc's centre plane), projected on that slice. Dicts as :meth:`rsna_points`; levels whose series is
+        missing or whose cell is empty have no point.
+        """
+        if condition not in CONDITIONS[1:]:
+            raise ValueError(f"condition must be one of {CONDITIONS[1:]}, got {condition!r}")
+        truth = self.condition_points_mm().get(condition, {})
+        grades = self.grades().get(condition, {})
+        out = []
+        for level, p in truth.items():
+            if not grades[level]:
+                continue
+            if "foraminal" in condition:
+                carriers = self.series_of("sag_t1")
+            else:
+                carriers = [ser for ser in self.series_of("ax_t2") if level in ser.levels]
+            if carriers:
+                out.append(_point_on(carriers[0], level, p, grades[level]))
+        return out
+
+    def label_rows(self) -> list[tuple[int, int, str, str, float, float]]:
+        """Rows of train_label_coordinates.csv: ``(series_id, instance_number, condition name, level, x, y)``."""
+        rows = [
+            (p["series_id"], p["instance_number"], CONDITION_NAMES[0], p["level"], p["x"], p["y"])
+            for p in self.rsna_points()
+        ]
+        if self.lateral is not None:
+            for cond, name in zip(CONDITIONS[1:], CONDITION_NAMES[1:]):
+                rows += [
+                    (p["series_id"], p["instance_number"], name, p["level"], p["x"], p["y"])
+                    for p in self.condition_points(cond)
+                ]
+        return rows
 
     def tianchi_points(self) -> list[dict]:
         """The 11 Tianchi points on the middle sagittal T2 slice (integer pixels).
@@ -142,6 +259,18 @@ class PhantomStudy:
                 )
             )
         return out
+
+
+def _point_on(ser: PhantomSeries, level: str, p: np.ndarray, severity: str) -> dict:
+    """Label point of patient-mm ``p`` on the slice of ``ser`` nearest to it."""
+    g = ser.geometry
+    k = g.nearest_slice(p)
+    x, y, _ = g.to_pixel(p, k)
+    x, y = round(x, 2), round(y, 2)
+    point = dict(level=level, series_id=ser.series_id, k=k, instance_number=ser.instance_numbers[k], x=x, y=y)
+    point["mm"] = g.to_mm(x, y, k)
+    point["class"] = severity
+    return point
 
 
 def _uid(*parts) -> str:
@@ -174,6 +303,99 @@ def _fov_from_top(geom: SeriesGeometry, spine: Spine, top_s: float) -> SeriesGeo
     return replace(geom, positions=np.round(geom.positions + shift[None, :], 4))
 
 
+def _sagittal(rng, spine: Spine, fov_points: np.ndarray, min_size: int, max_size: int, top_s) -> SeriesGeometry:
+    geom = sample_sagittal(rng, spine, fov_points, min_size, max_size)
+    return geom if top_s is None else _fov_from_top(geom, spine, top_s)
+
+
+def _series(
+    rng: np.random.Generator,
+    key: tuple[int, int, int],
+    kind: str,
+    desc: str,
+    geom: SeriesGeometry,
+    number: int,
+    levels: tuple[str, ...] = (),
+) -> PhantomSeries:
+    """Series ``j`` of study ``(seed, index)`` (``key = (seed, index, j)``): ids and encoding drawn from ``rng``."""
+    seed, index, j = key
+    if kind == "ax_t2" and levels:  # full layout: head to feet, or now and then the opposite
+        instances = tuple(range(geom.num_slices, 0, -1))
+        if rng.random() < SERIES_RATES["axial_ascending"]:
+            instances = instances[::-1]
+    else:
+        instances = None
+    return PhantomSeries(
+        kind=kind,
+        contrast="T1" if kind == "sag_t1" else "T2",
+        description=desc,
+        series_id=10_000_000 + index * 8 + j + _ID_STRIDE * int(rng.integers(0, 4000)),
+        series_uid=_uid(seed, index, "series", j),
+        series_number=number,
+        geometry=geom,
+        instance_numbers=instances or _instance_numbers(rng, geom.num_slices, kind),
+        sop_uids=tuple(_uid(seed, index, "image", j, k) for k in range(geom.num_slices)),
+        photometric="MONOCHROME1" if rng.random() < 0.2 else "MONOCHROME2",
+        slope=float(rng.choice([1.0, 2.0])),
+        intercept=float(rng.choice([0.0, -1024.0])),
+        gain=float(rng.uniform(500.0, 3000.0)),
+        render_seed=(seed, index, 100 + j),
+        levels=levels,
+    )
+
+
+def _series_plan(rng: np.random.Generator) -> tuple[bool, int, list[tuple[str, tuple[str, ...]]]]:
+    """(has sagittal T2, number of sagittal T1, axial series as ``(mode "stack"|"blocks", levels)``)."""
+    r = SERIES_RATES
+    u = rng.random(3)
+    has_t2 = bool(u[0] >= r["no_sag_t2"])
+    n_t1 = 0 if has_t2 and u[1] < r["no_sag_t1"] else 2 if u[1] >= 1.0 - r["two_sag_t1"] else 1
+    n_ax = int(np.searchsorted(np.cumsum(r["axial_count"]), u[2], side="right"))
+    if n_ax == 0:
+        return has_t2, n_t1, []
+    if n_ax == 1:
+        return has_t2, n_t1, [("stack" if rng.random() < r["axial_stack"] else "blocks", LEVELS)]
+    cuts = [0, *sorted(int(c) for c in rng.choice(np.arange(1, len(LEVELS)), n_ax - 1, replace=False)), len(LEVELS)]
+    return has_t2, n_t1, [("blocks", LEVELS[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _full_layout(
+    key: tuple[int, int],
+    sag_t2: PhantomSeries,
+    spine: Spine,
+    fov_points: np.ndarray,
+    top_s: float | None,
+    min_size: int,
+    max_size: int,
+) -> list[PhantomSeries]:
+    """The series of a full-layout RSNA study: the given sagittal T2 (unless planned missing), T1s, axials."""
+    seed, index = key
+    rng = np.random.default_rng([seed, index, _PLAN_STREAM])
+    has_t2, n_t1, axials = _series_plan(rng)
+    numbers = [int(v) for v in rng.permutation(np.arange(1, 21)) if v != sag_t2.series_number]
+    out = [sag_t2] if has_t2 else []
+    for j in range(1, 1 + n_t1):
+        geom = _sagittal(rng, spine, fov_points, min_size, max_size, top_s)
+        out.append(_series(rng, (seed, index, j), "sag_t1", RSNA_DESCRIPTIONS["sag_t1"], geom, numbers[j]))
+    for j, (mode, levels) in enumerate(axials, start=1 + n_t1):
+        disc_s = np.array([spine.disc_s[DISC_NAMES.index(lv.replace("/", "-"))] for lv in levels])
+        sampler = sample_axial_stack if mode == "stack" else sample_axial_blocks
+        geom = sampler(rng, spine, disc_s, min_size, max_size)
+        out.append(_series(rng, (seed, index, j), "ax_t2", RSNA_DESCRIPTIONS["ax_t2"], geom, numbers[j], levels))
+    return out
+
+
+def _empty_cells(rng: np.random.Generator) -> set[tuple[str, str]]:
+    """(condition key, level) cells of the lateral conditions left empty (unscored) in train.csv."""
+    u = rng.random((len(CONDITIONS) - 1, len(LEVELS)))
+    return {
+        (c, lv)
+        for i, c in enumerate(CONDITIONS[1:])
+        for j, lv in enumerate(LEVELS)
+        if u[i, j] < SERIES_RATES["empty_cell"]
+    }
+
+
 def phantom_study(
     seed: int,
     index: int,
@@ -188,8 +410,9 @@ def phantom_study(
 
     Args:
         seed: set seed (non-negative int). index: study number in the set (non-negative int).
-        layout: "rsna" (sagittal T2, ~30% of studies add a sagittal T1 or axial T2 series) or "tianchi"
-            (sagittal T2, sagittal T1 and axial T2 in every study).
+        layout: "rsna" (the full real layout: sagittal T2/STIR, sagittal T1 and axial T2 series with the quirk
+            rates of ``SERIES_RATES``; lateral conditions in ``lateral``) or "tianchi" (sagittal T2, sagittal T1
+            and axial T2 in every study).
         min_size, max_size: range of Rows/Columns in pixels (sagittal pixel spacing is 0.4-0.9 mm when
             the size allows a ~240 mm field of view, coarser for tiny test images).
         class_frequencies: see :func:`bundle.phantoms.anatomy.check_class_frequencies`.
@@ -237,33 +460,18 @@ def phantom_study(
             discs = ("L3-L4", "L4-L5", "L5-S1")[int(rng.integers(0, 2)) :]
             geom = sample_axial(rng, spine, np.array([kp["disc"][d] for d in discs]), min_size, max_size)
         else:
-            geom = sample_sagittal(rng, spine, fov_points, min_size, max_size)
-            if top_s is not None:
-                geom = _fov_from_top(geom, spine, top_s)
+            geom = _sagittal(rng, spine, fov_points, min_size, max_size, top_s)
         if layout == "rsna":
-            desc = {"sag_t2": "Sagittal T2/STIR", "sag_t1": "Sagittal T1", "ax_t2": "Axial T2"}[kind]
+            desc = RSNA_DESCRIPTIONS[kind]
         else:
             names = {"sag_t2": _TIANCHI_T2, "sag_t1": _TIANCHI_T1, "ax_t2": ("T2_TRA",)}[kind]
             desc = str(names[int(rng.integers(0, len(names)))])
-        series_uid = _uid(seed, index, "series", j)
-        series.append(
-            PhantomSeries(
-                kind=kind,
-                contrast="T1" if kind == "sag_t1" else "T2",
-                description=desc,
-                series_id=10_000_000 + index * 8 + j + _ID_STRIDE * int(rng.integers(0, 4000)),
-                series_uid=series_uid,
-                series_number=int(numbers[j]),
-                geometry=geom,
-                instance_numbers=_instance_numbers(rng, geom.num_slices, kind),
-                sop_uids=tuple(_uid(seed, index, "image", j, k) for k in range(geom.num_slices)),
-                photometric="MONOCHROME1" if rng.random() < 0.2 else "MONOCHROME2",
-                slope=float(rng.choice([1.0, 2.0])),
-                intercept=float(rng.choice([0.0, -1024.0])),
-                gain=float(rng.uniform(500.0, 3000.0)),
-                render_seed=(seed, index, 100 + j),
-            )
-        )
+        series.append(_series(rng, (seed, index, j), kind, desc, geom, int(numbers[j])))
+    lateral = empty = None
+    if layout == "rsna":  # the full layout, from streams of its own: the draws above stay as they were
+        lateral = sample_lateral(np.random.default_rng([seed, index, _LATERAL_STREAM]), freqs)
+        series = _full_layout((seed, index), series[0], spine, fov_points, top_s, min_size, max_size)
+        empty = _empty_cells(np.random.default_rng([seed, index, _EMPTY_STREAM]))
     year, month, day = int(rng.integers(2015, 2024)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
     return PhantomStudy(
         layout=layout,
@@ -280,4 +488,6 @@ def phantom_study(
         institution=f"{PHI_MARKER} Phantom Hospital",
         spine=spine,
         series=tuple(series),
+        lateral=lateral,
+        empty=frozenset(empty or ()),
     )
