@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,12 @@ def prepare_dataset(
             f"generating {phantom_studies} {dataset_format} phantom studies (seed {phantom_seed}) in {dataset_dir}"
         )
         generate_phantoms(
-            dataset_dir, layout=dataset_format, studies=phantom_studies, seed=phantom_seed, max_size=phantom_max_size
+            dataset_dir,
+            layout=dataset_format,
+            studies=phantom_studies,
+            seed=phantom_seed,
+            max_size=phantom_max_size,
+            workers=max(1, min(2, os.cpu_count() or 1)),  # output is identical for any number of workers
         )
     elif not dataset_dir.is_dir():
         raise BundleInputError(f"dataset_dir {dataset_dir} is not a folder")
