@@ -19,6 +19,7 @@ from bundle.streams import RSNA_LEVELS, RSNA_SEVERITIES, TIANCHI_DISC_LEVELS, TI
 __all__ = [
     "BODY_NAMES",
     "DISC_NAMES",
+    "smoothstep",
     "DEFAULT_CLASS_FREQUENCIES",
     "FORAMEN_RESIDUAL",
     "RECESS_NARROWING",
@@ -82,7 +83,7 @@ def check_class_frequencies(freqs: Mapping[str, Sequence[float]] | None) -> dict
     return out
 
 
-def _smoothstep(t: np.ndarray) -> np.ndarray:
+def smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
 
@@ -159,7 +160,7 @@ class Spine:
         taper = 4.0 * self.scale
         for c, h, n in zip(self.disc_s, self.disc_half, self.disc_narrowing):
             if n > 0:
-                out = np.maximum(out, n * _smoothstep((h + taper - np.abs(s - c)) / taper))
+                out = np.maximum(out, n * smoothstep((h + taper - np.abs(s - c)) / taper))
         return out
 
     def canal_range(self, s: float) -> tuple[float, float, float, float]:

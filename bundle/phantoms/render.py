@@ -10,7 +10,7 @@ numpy; the only Python loop is over slices.
 from __future__ import annotations
 
 import numpy as np
-from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, Lateral, Spine, _smoothstep
+from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, Lateral, Spine, smoothstep
 from bundle.phantoms.geometry import SeriesGeometry
 from bundle.streams import RSNA_LEVELS
 
@@ -122,7 +122,7 @@ def _lateral_table(sp: Spine, lateral: Lateral) -> np.ndarray:
     kf = np.clip(np.searchsorted(0.5 * (fora[1:, 0] + fora[:-1, 0]), s), 0, n_fora - 1)
     kd = np.clip(np.searchsorted(0.5 * (sp.disc_s[1:] + sp.disc_s[:-1]), s), 0, len(sp.disc_s) - 1)
     taper = 4.0 * sp.scale
-    w = _smoothstep((sp.disc_half[kd] + taper - np.abs(s - sp.disc_s[kd])) / taper)
+    w = smoothstep((sp.disc_half[kd] + taper - np.abs(s - sp.disc_s[kd])) / taper)
     t = np.concatenate([fora[kf], rho[kf], narrow[kd] * w[:, None]], axis=1)
     return np.ascontiguousarray(t, dtype=np.float32)
 
