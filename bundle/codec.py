@@ -47,6 +47,7 @@ __all__ = [
     "mm_to_pixels",
     "pixels_to_mm",
     "encode_ocpc",
+    "encode_level_map",
 ]
 
 
@@ -187,7 +188,42 @@ def encode_ocpc(
     return heatmap, offset, mask
 
 
-TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask")
+def encode_level_map(points: torch.Tensor, shape: Sequence[int], radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the level-map target on a target grid: inside the disk (radius R) of keypoint ``l`` the value ``l``.
+
+    Args:
+        points: (L, 2) keypoints ``(x=col, y=row)`` in target-grid pixels, row ``l`` = level index ``l``
+            (head to feet); NaN = missing. Unlike the heatmap, a keypoint of unknown class is drawn.
+        shape: target grid ``(Ht, Wt)``. radius: R in target pixels.
+
+    Returns:
+        level (1, Ht, Wt) and level mask (1, Ht, Wt), float32; the nearest keypoint owns a pixel.
+
+    Example:
+        >>> level, mask = encode_level_map(torch.tensor([[0.0, 0.0], [0.0, 3.0]]), (4, 1), radius=1.0)
+        >>> level[0, :, 0].tolist(), mask[0, :, 0].tolist()
+        ([0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    """
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
+    ht, wt = int(shape[0]), int(shape[1])
+    level = torch.zeros(1, ht, wt, dtype=torch.float32)
+    mask = torch.zeros(1, ht, wt, dtype=torch.float32)
+    index = torch.arange(pts.shape[0], dtype=torch.float32)
+    keep = inside_grid(pts, (ht, wt))
+    if not keep.any():
+        return level, mask
+    pts, index = pts[keep], index[keep]
+    rows = torch.arange(ht, dtype=torch.float64).view(1, ht, 1)
+    cols = torch.arange(wt, dtype=torch.float64).view(1, 1, wt)
+    dist2 = (pts[:, 0].view(-1, 1, 1) - cols) ** 2 + (pts[:, 1].view(-1, 1, 1) - rows) ** 2  # (K, Ht, Wt)
+    best, owner = dist2.min(dim=0)
+    inside = best <= radius * radius
+    level[0] = torch.where(inside, index[owner], torch.zeros((), dtype=torch.float32))
+    mask[0] = inside.float()
+    return level, mask
+
+
+TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask", "level", "level_mask")
 _KEYPOINT_KEYS = (
     "level",
     "level_index",
@@ -267,7 +303,7 @@ class OCPCCodec:
     # ---- sizes
     @property
     def channels(self) -> dict[str, int]:
-        """``{stream: C}`` in stream order; the network gives each ``3 C`` output channels."""
+        """``{stream: C}`` in stream order; the network gives each ``3 C + 1`` output channels."""
         return {s.name: s.num_classes for s in self.streams}
 
     @property
@@ -280,11 +316,12 @@ class OCPCCodec:
         return self.network_stride / self.target_stride
 
     def target_keys(self) -> list[str]:
-        """Batch keys of the training targets: ``{stream}_heatmap``, ``{stream}_offset``, ``{stream}_offset_mask``."""
+        """Batch keys of the training targets: ``{stream}_{suffix}`` for each of ``TARGET_SUFFIXES``."""
         return [f"{s.name}_{suffix}" for s in self.streams for suffix in TARGET_SUFFIXES]
 
-    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Network output (B, sum 3C, h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w))}``."""
+    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Network output (B, sum (3C + 1), h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w),
+        level (B, 1, h, w))}``."""
         return split_output(output, self.channels)
 
     # ---- encode
@@ -298,8 +335,9 @@ class OCPCCodec:
             affine: the image's 4x4 voxel (row, col, k) -> mm. image_shape: ``(H, W)`` image pixels.
 
         Returns per stream ``s``: ``{s}_heatmap`` (C, Ht, Wt), ``{s}_offset`` and ``{s}_offset_mask`` (2C, Ht, Wt),
-        float32 on the target grid ``(H // target_stride, W // target_stride)``; ``{s}_points_px`` (L, 2) the
-        keypoints on the image grid, NaN where missing or outside. See :func:`encode_ocpc`.
+        ``{s}_level`` and ``{s}_level_mask`` (1, Ht, Wt), float32 on the target grid
+        ``(H // target_stride, W // target_stride)``; ``{s}_points_px`` (L, 2) the keypoints on the image grid,
+        NaN where missing or outside. See :func:`encode_ocpc` and :func:`encode_level_map`.
         """
         height, width = int(image_shape[0]), int(image_shape[1])
         grid = target_shape(height, width, self.target_stride)
@@ -314,11 +352,11 @@ class OCPCCodec:
                 )
             px = mm_to_pixels(mm, affine)
             px[~inside_grid(px, (height, width))] = float("nan")
-            heatmap, offset, mask = encode_ocpc(
-                image_to_target(px, self.target_stride), lab, spec.num_classes, grid, self.radius
-            )
+            target_px = image_to_target(px, self.target_stride)
+            heatmap, offset, mask = encode_ocpc(target_px, lab, spec.num_classes, grid, self.radius)
             out[f"{spec.name}_heatmap"], out[f"{spec.name}_offset"] = heatmap, offset
             out[f"{spec.name}_offset_mask"], out[f"{spec.name}_points_px"] = mask, px.float()
+            out[f"{spec.name}_level"], out[f"{spec.name}_level_mask"] = encode_level_map(target_px, grid, self.radius)
         return out
 
     # ---- decode
