@@ -257,7 +257,7 @@ class OCPCCodec:
         >>> t = codec.encode({"disc": torch.tensor([[3.0, 0.0, -2.0], [3.0, 0.0, -37.0]])},
         ...                  {"disc": torch.tensor([0, 1])}, affine, (48, 8))
         >>> logits = torch.where(t["disc_heatmap"] > 0, 10.0, -10.0)
-        >>> out = codec.decode(torch.cat([logits, t["disc_offset"]])[None], affine)[0]["disc"]
+        >>> out = codec.decode(torch.cat([logits, t["disc_offset"], t["disc_level"]])[None], affine)[0]["disc"]
         >>> [(kp["level"], kp["class_name"], [round(v, 3) for v in kp["mm"]]) for kp in out]
         [('a', 'n', [3.0, 0.0, -2.0]), ('b', 'd', [3.0, 0.0, -37.0])]
     """
@@ -361,17 +361,17 @@ class OCPCCodec:
 
     # ---- decode
     def decode(self, output: torch.Tensor, affine=None) -> list[dict[str, list[dict]]]:
-        """Named keypoints per image from the network output (B, sum 3C, h, w) on the network grid.
+        """Named keypoints per image from the network output (B, sum (3C + 1), h, w) on the network grid.
 
-        Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
+        Per stream: logits, offsets and the level map are upsampled bilinearly (``align_corners=False``) to the target grid
         (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
         maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
         each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
-        to sum 1, ``score`` = the highest;
+        to sum 1, ``score`` = the highest, ``level_estimate`` = the level map there;
         ``xy`` (image pixels ``[x=col, y=row]``) refined by mean shift of a 3x3 window on the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
-        ascending row without an affine), get level names by :func:`bundle.levels.assign_levels`; those
-        without a level are dropped, a level without a candidate is absent.
+        ascending row without an affine), get level names by :func:`bundle.levels.assign_levels` (from spacing,
+        scores and level estimates); those without a level are dropped, a level without a candidate is absent.
 
         Args:
             affine: None, (4, 4) for every image or (B, 4, 4).
@@ -382,7 +382,7 @@ class OCPCCodec:
             ``probabilities``, ``score``, ``xy``, ``mm``.
         """
         if isinstance(output, Mapping):
-            raise TypeError("decode takes the network's single output tensor (B, sum 3C, h, w)")
+            raise TypeError("decode takes the network's single output tensor (B, sum (3C + 1), h, w)")
         output = torch.as_tensor(output).detach().as_subclass(torch.Tensor)
         parts = self.split(output)
         batch = int(output.shape[0])
@@ -390,19 +390,28 @@ class OCPCCodec:
         out: list[dict[str, list[dict]]] = [{} for _ in range(batch)]
         for spec in self.streams:
             # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
-            logits, offsets = (t.float().contiguous() for t in parts[spec.name])
+            logits, offsets, level = (t.float().contiguous() for t in parts[spec.name])
             if self.upsample != 1:
-                logits = F.interpolate(logits, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-                offsets = F.interpolate(offsets, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                logits, offsets, level = (
+                    F.interpolate(t, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                    for t in (logits, offsets, level)
+                )
             hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
             best, total = hough.amax(dim=1), hough.sum(dim=1)
             for bi in range(batch):
-                found = self._candidates(spec, hough[bi], best[bi], total[bi], None if aff is None else aff[bi])
+                maps = (hough[bi], best[bi], total[bi], level[bi, 0].cpu())
+                found = self._candidates(spec, *maps, None if aff is None else aff[bi])
                 out[bi][spec.name] = self._name_levels(spec, found, aff is not None)
         return out
 
     def _candidates(
-        self, spec: StreamSpec, hough: torch.Tensor, best: torch.Tensor, total: torch.Tensor, affine
+        self,
+        spec: StreamSpec,
+        hough: torch.Tensor,
+        best: torch.Tensor,
+        total: torch.Tensor,
+        level: torch.Tensor,
+        affine,
     ) -> list[dict]:
         found = []
         c = spec.num_classes
@@ -420,6 +429,7 @@ class OCPCCodec:
                     "score": float(scores[label]),
                     "xy": [float(v) for v in xy[0]],
                     "mm": pixels_to_mm(xy, affine)[0].tolist() if affine is not None else None,
+                    "level_estimate": float(level[r, col]),
                 }
             )
         return found
@@ -438,7 +448,9 @@ class OCPCCodec:
         found.sort(key=(lambda kp: -kp["mm"][2]) if has_mm else (lambda kp: kp["xy"][1]))
         pos = np.array([kp["mm"] if has_mm else kp["xy"] for kp in found], dtype=np.float64)
         spacing = self.level_spacing_mm if has_mm else _pixel_spacing_guess(pos, self.level_spacing_mm)
-        result = assign_levels(pos, np.array([kp["score"] for kp in found]), spec.num_levels, spacing)
+        scores = np.array([kp["score"] for kp in found])
+        estimates = np.array([kp["level_estimate"] for kp in found])
+        result = assign_levels(pos, scores, spec.num_levels, spacing, level_estimates=estimates)
         named = []
         for kp, level, confidence in zip(found, result.level.tolist(), result.confidence.tolist()):
             if level >= 0:
