@@ -33,7 +33,7 @@ from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS, StreamSpec, parse_stre
 from bundle.studies import find_studies
 from bundle.transforms import KeypointsDecoded, KeypointsToArraysd, OCPCTargetsd
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AutocastInferer",

@@ -47,6 +47,7 @@ __all__ = [
     "mm_to_pixels",
     "pixels_to_mm",
     "encode_ocpc",
+    "encode_level_map",
 ]
 
 
@@ -187,7 +188,42 @@ def encode_ocpc(
     return heatmap, offset, mask
 
 
-TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask")
+def encode_level_map(points: torch.Tensor, shape: Sequence[int], radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw the level-map target on a target grid: inside the disk (radius R) of keypoint ``l`` the value ``l``.
+
+    Args:
+        points: (L, 2) keypoints ``(x=col, y=row)`` in target-grid pixels, row ``l`` = level index ``l``
+            (head to feet); NaN = missing. Unlike the heatmap, a keypoint of unknown class is drawn.
+        shape: target grid ``(Ht, Wt)``. radius: R in target pixels.
+
+    Returns:
+        level (1, Ht, Wt) and level mask (1, Ht, Wt), float32; the nearest keypoint owns a pixel.
+
+    Example:
+        >>> level, mask = encode_level_map(torch.tensor([[0.0, 0.0], [0.0, 3.0]]), (4, 1), radius=1.0)
+        >>> level[0, :, 0].tolist(), mask[0, :, 0].tolist()
+        ([0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+    """
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
+    ht, wt = int(shape[0]), int(shape[1])
+    level = torch.zeros(1, ht, wt, dtype=torch.float32)
+    mask = torch.zeros(1, ht, wt, dtype=torch.float32)
+    index = torch.arange(pts.shape[0], dtype=torch.float32)
+    keep = inside_grid(pts, (ht, wt))
+    if not keep.any():
+        return level, mask
+    pts, index = pts[keep], index[keep]
+    rows = torch.arange(ht, dtype=torch.float64).view(1, ht, 1)
+    cols = torch.arange(wt, dtype=torch.float64).view(1, 1, wt)
+    dist2 = (pts[:, 0].view(-1, 1, 1) - cols) ** 2 + (pts[:, 1].view(-1, 1, 1) - rows) ** 2  # (K, Ht, Wt)
+    best, owner = dist2.min(dim=0)
+    inside = best <= radius * radius
+    level[0] = torch.where(inside, index[owner], torch.zeros((), dtype=torch.float32))
+    mask[0] = inside.float()
+    return level, mask
+
+
+TARGET_SUFFIXES = ("heatmap", "offset", "offset_mask", "level", "level_mask")
 _KEYPOINT_KEYS = (
     "level",
     "level_index",
@@ -221,7 +257,7 @@ class OCPCCodec:
         >>> t = codec.encode({"disc": torch.tensor([[3.0, 0.0, -2.0], [3.0, 0.0, -37.0]])},
         ...                  {"disc": torch.tensor([0, 1])}, affine, (48, 8))
         >>> logits = torch.where(t["disc_heatmap"] > 0, 10.0, -10.0)
-        >>> out = codec.decode(torch.cat([logits, t["disc_offset"]])[None], affine)[0]["disc"]
+        >>> out = codec.decode(torch.cat([logits, t["disc_offset"], t["disc_level"]])[None], affine)[0]["disc"]
         >>> [(kp["level"], kp["class_name"], [round(v, 3) for v in kp["mm"]]) for kp in out]
         [('a', 'n', [3.0, 0.0, -2.0]), ('b', 'd', [3.0, 0.0, -37.0])]
     """
@@ -267,7 +303,7 @@ class OCPCCodec:
     # ---- sizes
     @property
     def channels(self) -> dict[str, int]:
-        """``{stream: C}`` in stream order; the network gives each ``3 C`` output channels."""
+        """``{stream: C}`` in stream order; the network gives each ``3 C + 1`` output channels."""
         return {s.name: s.num_classes for s in self.streams}
 
     @property
@@ -280,11 +316,12 @@ class OCPCCodec:
         return self.network_stride / self.target_stride
 
     def target_keys(self) -> list[str]:
-        """Batch keys of the training targets: ``{stream}_heatmap``, ``{stream}_offset``, ``{stream}_offset_mask``."""
+        """Batch keys of the training targets: ``{stream}_{suffix}`` for each of ``TARGET_SUFFIXES``."""
         return [f"{s.name}_{suffix}" for s in self.streams for suffix in TARGET_SUFFIXES]
 
-    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Network output (B, sum 3C, h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w))}``."""
+    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Network output (B, sum (3C + 1), h, w) -> ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w),
+        level (B, 1, h, w))}``."""
         return split_output(output, self.channels)
 
     # ---- encode
@@ -298,8 +335,9 @@ class OCPCCodec:
             affine: the image's 4x4 voxel (row, col, k) -> mm. image_shape: ``(H, W)`` image pixels.
 
         Returns per stream ``s``: ``{s}_heatmap`` (C, Ht, Wt), ``{s}_offset`` and ``{s}_offset_mask`` (2C, Ht, Wt),
-        float32 on the target grid ``(H // target_stride, W // target_stride)``; ``{s}_points_px`` (L, 2) the
-        keypoints on the image grid, NaN where missing or outside. See :func:`encode_ocpc`.
+        ``{s}_level`` and ``{s}_level_mask`` (1, Ht, Wt), float32 on the target grid
+        ``(H // target_stride, W // target_stride)``; ``{s}_points_px`` (L, 2) the keypoints on the image grid,
+        NaN where missing or outside. See :func:`encode_ocpc` and :func:`encode_level_map`.
         """
         height, width = int(image_shape[0]), int(image_shape[1])
         grid = target_shape(height, width, self.target_stride)
@@ -314,26 +352,26 @@ class OCPCCodec:
                 )
             px = mm_to_pixels(mm, affine)
             px[~inside_grid(px, (height, width))] = float("nan")
-            heatmap, offset, mask = encode_ocpc(
-                image_to_target(px, self.target_stride), lab, spec.num_classes, grid, self.radius
-            )
+            target_px = image_to_target(px, self.target_stride)
+            heatmap, offset, mask = encode_ocpc(target_px, lab, spec.num_classes, grid, self.radius)
             out[f"{spec.name}_heatmap"], out[f"{spec.name}_offset"] = heatmap, offset
             out[f"{spec.name}_offset_mask"], out[f"{spec.name}_points_px"] = mask, px.float()
+            out[f"{spec.name}_level"], out[f"{spec.name}_level_mask"] = encode_level_map(target_px, grid, self.radius)
         return out
 
     # ---- decode
     def decode(self, output: torch.Tensor, affine=None) -> list[dict[str, list[dict]]]:
-        """Named keypoints per image from the network output (B, sum 3C, h, w) on the network grid.
+        """Named keypoints per image from the network output (B, sum (3C + 1), h, w) on the network grid.
 
-        Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
+        Per stream: logits, offsets and the level map are upsampled bilinearly (``align_corners=False``) to the target grid
         (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
         maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
         each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
-        to sum 1, ``score`` = the highest;
+        to sum 1, ``score`` = the highest, ``level_estimate`` = the level map there;
         ``xy`` (image pixels ``[x=col, y=row]``) refined by mean shift of a 3x3 window on the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
-        ascending row without an affine), get level names by :func:`bundle.levels.assign_levels`; those
-        without a level are dropped, a level without a candidate is absent.
+        ascending row without an affine), get level names by :func:`bundle.levels.assign_levels` (from spacing,
+        scores and level estimates); those without a level are dropped, a level without a candidate is absent.
 
         Args:
             affine: None, (4, 4) for every image or (B, 4, 4).
@@ -344,7 +382,7 @@ class OCPCCodec:
             ``probabilities``, ``score``, ``xy``, ``mm``.
         """
         if isinstance(output, Mapping):
-            raise TypeError("decode takes the network's single output tensor (B, sum 3C, h, w)")
+            raise TypeError("decode takes the network's single output tensor (B, sum (3C + 1), h, w)")
         output = torch.as_tensor(output).detach().as_subclass(torch.Tensor)
         parts = self.split(output)
         batch = int(output.shape[0])
@@ -352,19 +390,28 @@ class OCPCCodec:
         out: list[dict[str, list[dict]]] = [{} for _ in range(batch)]
         for spec in self.streams:
             # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
-            logits, offsets = (t.float().contiguous() for t in parts[spec.name])
+            logits, offsets, level = (t.float().contiguous() for t in parts[spec.name])
             if self.upsample != 1:
-                logits = F.interpolate(logits, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-                offsets = F.interpolate(offsets, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                logits, offsets, level = (
+                    F.interpolate(t, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                    for t in (logits, offsets, level)
+                )
             hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
             best, total = hough.amax(dim=1), hough.sum(dim=1)
             for bi in range(batch):
-                found = self._candidates(spec, hough[bi], best[bi], total[bi], None if aff is None else aff[bi])
+                maps = (hough[bi], best[bi], total[bi], level[bi, 0].cpu())
+                found = self._candidates(spec, *maps, None if aff is None else aff[bi])
                 out[bi][spec.name] = self._name_levels(spec, found, aff is not None)
         return out
 
     def _candidates(
-        self, spec: StreamSpec, hough: torch.Tensor, best: torch.Tensor, total: torch.Tensor, affine
+        self,
+        spec: StreamSpec,
+        hough: torch.Tensor,
+        best: torch.Tensor,
+        total: torch.Tensor,
+        level: torch.Tensor,
+        affine,
     ) -> list[dict]:
         found = []
         c = spec.num_classes
@@ -382,6 +429,7 @@ class OCPCCodec:
                     "score": float(scores[label]),
                     "xy": [float(v) for v in xy[0]],
                     "mm": pixels_to_mm(xy, affine)[0].tolist() if affine is not None else None,
+                    "level_estimate": float(level[r, col]),
                 }
             )
         return found
@@ -400,7 +448,9 @@ class OCPCCodec:
         found.sort(key=(lambda kp: -kp["mm"][2]) if has_mm else (lambda kp: kp["xy"][1]))
         pos = np.array([kp["mm"] if has_mm else kp["xy"] for kp in found], dtype=np.float64)
         spacing = self.level_spacing_mm if has_mm else _pixel_spacing_guess(pos, self.level_spacing_mm)
-        result = assign_levels(pos, np.array([kp["score"] for kp in found]), spec.num_levels, spacing)
+        scores = np.array([kp["score"] for kp in found])
+        estimates = np.array([kp["level_estimate"] for kp in found])
+        result = assign_levels(pos, scores, spec.num_levels, spacing, level_estimates=estimates)
         named = []
         for kp, level, confidence in zip(found, result.level.tolist(), result.confidence.tolist()):
             if level >= 0:

@@ -15,8 +15,13 @@ one-to-one map from a subset of the levels to a subset of the candidates, and it
   scan the sacrum is always in view while the top of the field of view varies from T9 to L1), so extra
   thoracic structures above L1 are dropped.
 
+- with level estimates ``e_i`` (the network's level map read at each candidate, in level units),
+  ``(e_i - j)^2 / (2 level_sigma^2)`` for candidate ``i`` taken as level ``j``: the cue that tells a missed
+  last level (L5/S1) from a missed first one, which spacing alone cannot.
+
 ``level_confidence`` of a taken candidate = ``min(1, s_i)`` times the mean spacing-consistency term
-``exp(-cost)`` of its links to its neighbours in the chain (1 without neighbours), in [0, 1].
+``exp(-cost)`` of its links to its neighbours in the chain (1 without neighbours), times
+``exp(-(e_i - j)^2 / (2 level_sigma^2))`` with estimates, in [0, 1].
 """
 
 from __future__ import annotations
@@ -43,8 +48,25 @@ def _gap_cost(gap: np.ndarray, n: int, spacing: float, sigma: float) -> np.ndarr
     return r * r / (2.0 * sigma * sigma)
 
 
+def _level_cost(estimates: np.ndarray | None, k: int, n: int, sigma: float) -> np.ndarray:
+    """(K, N) cost of taking candidate ``i`` as level ``j``: ``(e_i - j)^2 / (2 sigma^2)``; 0 where ``e_i`` is NaN
+    (no estimate) and everywhere without estimates."""
+    if estimates is None:
+        return np.zeros((k, n))
+    cost = (estimates[None, :] - np.arange(k)[:, None]) ** 2 / (2.0 * sigma * sigma)
+    return np.where(np.isfinite(cost), cost, 0.0)
+
+
 def _chain(
-    pos: np.ndarray, rel: np.ndarray, k: int, spacing: float, sigma: float, skip: float, reject: float, anchor: float
+    pos: np.ndarray,
+    rel: np.ndarray,
+    k: int,
+    spacing: float,
+    sigma: float,
+    skip: float,
+    reject: float,
+    anchor: float,
+    level_cost: np.ndarray,
 ) -> tuple[float, list[tuple[int, int]]]:
     """Lowest-cost chain ``[(level, candidate), ...]`` for one spacing; candidates are in head-to-feet order."""
     n = len(rel)
@@ -59,10 +81,10 @@ def _chain(
     cost = np.full((k, n), np.inf)
     back = np.full((k, n, 2), -1, dtype=np.int64)
     for j in range(k):
-        cost[j] = unary + skip * j  # chain starts here: levels above skipped, candidates above free
+        cost[j] = unary + level_cost[j] + skip * j  # chain starts here: levels above skipped, candidates above free
         for jp in range(j):
             step = _gap_cost(gap, j - jp, spacing, sigma) + between + skip * (j - jp - 1)
-            total = cost[jp][:, None] + step + unary[None, :]  # [i', i]: chain ... i' then i
+            total = cost[jp][:, None] + step + (unary + level_cost[j])[None, :]  # [i', i]: chain ... i' then i
             best = total.argmin(axis=0)
             value = total[best, order]
             better = value < cost[j]
@@ -92,6 +114,8 @@ def assign_levels(
     skip_cost: float = 3.0,
     reject_cost: float = 4.0,
     anchor_cost: float = 8.0,
+    level_estimates: np.ndarray | None = None,
+    level_sigma: float = 0.35,
 ) -> LevelAssignment:
     """Assign level indices 0..K-1 (head to feet) to candidates by dynamic programming (see the module doc).
 
@@ -100,6 +124,9 @@ def assign_levels(
         scores: (N,) positive candidate scores (Hough scores).
         num_levels: K.
         spacing: expected distance between neighbouring levels, in the unit of ``positions``.
+        level_estimates: (N,) optional level index estimates per candidate (0 = first level), e.g. the
+            network's level map at each candidate; None (or NaN for a candidate) = spacing and scores only.
+        level_sigma: spread of the estimates, in levels.
 
     Example:
         >>> pos = np.array([[0.0, 0.0], [0.0, 35.0], [0.0, 105.0]])  # the level at 70 mm is missed
@@ -115,9 +142,15 @@ def assign_levels(
     if spacing <= 0:
         raise ValueError(f"spacing must be positive, got {spacing}")
     rel = np.clip(s / s.max(), 1e-12, 1.0)
+    est = None if level_estimates is None else np.asarray(level_estimates, dtype=np.float64).reshape(n)
+    if level_sigma <= 0:
+        raise ValueError(f"level_sigma must be positive, got {level_sigma}")
+    level_cost = _level_cost(est, num_levels, n, level_sigma)
     best = (np.inf, [], float(spacing))
     for factor in np.exp(np.linspace(-0.5, 0.5, 11)):  # d from 0.61 to 1.65 times the expected spacing
-        cost, chain = _chain(pos, rel, num_levels, spacing * factor, spacing_sigma, skip_cost, reject_cost, anchor_cost)
+        cost, chain = _chain(
+            pos, rel, num_levels, spacing * factor, spacing_sigma, skip_cost, reject_cost, anchor_cost, level_cost
+        )
         cost += np.log(factor) ** 2 / (2.0 * spacing_prior_sigma**2)
         if cost < best[0]:
             best = (cost, chain, float(spacing * factor))
@@ -129,5 +162,6 @@ def assign_levels(
             if other is not None:
                 gap = np.linalg.norm(pos[i] - pos[other[1]])
                 links.append(float(np.exp(-_gap_cost(np.array(gap), abs(j - other[0]), d, spacing_sigma))))
-        confidence[i] = min(1.0, float(s[i])) * (float(np.mean(links)) if links else 1.0)
+        agreement = float(np.exp(-level_cost[j, i]))
+        confidence[i] = min(1.0, float(s[i])) * (float(np.mean(links)) if links else 1.0) * agreement
     return LevelAssignment(level, confidence, d)

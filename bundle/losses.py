@@ -10,6 +10,9 @@ target grid (the paper's ``B(.)``) and compared with the OCPC targets:
   dx, dy counts once), at least 1. So the offset term is the mean absolute error in target-grid
   pixels per masked coordinate, independent of the number of keypoints and of the batch size.
 
+- level map (an addition to the paper, see :mod:`bundle.levels`): L1 between the regressed and the target
+  level index inside the disks of every labelled keypoint, divided by the number of those pixels, at least 1.
+
 Total = sum of all terms of all streams, no weights.
 
 Objective association (OA): ``g = dL_heatmap / dh`` with ``h`` the upsampled heatmap logits,
@@ -80,19 +83,21 @@ class SpineOneLoss(nn.Module):
         oa_mode: "paper" (``|w * o_hat - o|``) or "weighted_error" (``w * |o_hat - o|``).
         use_offset_loss: False drops the offset terms (ablation); their parts are then 0.
 
-    ``loss_parts(pred, targets)``: ``pred`` (B, sum 3C, h, w) raw network output; ``targets`` holds per
+    ``loss_parts(pred, targets)``: ``pred`` (B, sum (3C + 1), h, w) raw network output; ``targets`` holds per
     stream ``{name}_heatmap`` (B, C, H, W) in {0, 1}, ``{name}_offset`` (B, 2C, H, W) in target-grid
-    pixels and ``{name}_offset_mask`` (B, 2C, H, W) in {0, 1}. Returns ``(total, parts)`` with
-    ``parts = {f"{name}_heatmap": t, f"{name}_offset": t}`` (scalars) and ``total == sum(parts.values())``.
+    pixels, ``{name}_offset_mask`` (B, 2C, H, W) in {0, 1}, ``{name}_level`` and ``{name}_level_mask``
+    (B, 1, H, W). Returns ``(total, parts)`` with ``parts = {f"{name}_heatmap": t, f"{name}_offset": t,
+    f"{name}_level": t}`` (scalars) and ``total == sum(parts.values())``.
     ``forward`` (the trainer's ``loss_function``) returns ``total`` and keeps the parts in ``last_parts``.
 
     Example:
         >>> loss = SpineOneLoss({"disc": {"levels": ["L4/L5", "L5/S1"], "classes": ["a", "b", "c"]}})
         >>> t = {"disc_heatmap": torch.zeros(1, 3, 8, 8), "disc_offset": torch.zeros(1, 6, 8, 8),
-        ...      "disc_offset_mask": torch.zeros(1, 6, 8, 8)}
-        >>> total, parts = loss.loss_parts(torch.zeros(1, 9, 4, 4), t)
+        ...      "disc_offset_mask": torch.zeros(1, 6, 8, 8), "disc_level": torch.zeros(1, 1, 8, 8),
+        ...      "disc_level_mask": torch.zeros(1, 1, 8, 8)}
+        >>> total, parts = loss.loss_parts(torch.zeros(1, 10, 4, 4), t)
         >>> sorted(parts)
-        ['disc_heatmap', 'disc_offset']
+        ['disc_heatmap', 'disc_level', 'disc_offset']
     """
 
     def __init__(
@@ -154,6 +159,12 @@ class SpineOneLoss(nn.Module):
             err = weights * (offsets - target).abs()
         return (err * m).sum() / m.sum().clamp_min(1)
 
+    @staticmethod
+    def level_loss(level: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Masked L1 of the level map (B, 1, H, W) in level units, divided by max(1, #masked pixels)."""
+        m = (mask > 0.5).to(level.dtype)
+        return ((level - target).abs() * m).sum() / m.sum().clamp_min(1)
+
     def forward(self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The total loss (scalar), as MONAI's ``SupervisedTrainer`` expects; the parts stay in ``last_parts``."""
         total, parts = self.loss_parts(pred, targets)
@@ -179,14 +190,16 @@ class SpineOneLoss(nn.Module):
         self, pred: torch.Tensor, targets: Mapping[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts: dict[str, torch.Tensor] = {}
-        for name, (logits, offsets) in split_output(pred, self.streams).items():
+        for name, (logits, offsets, level) in split_output(pred, self.streams).items():
             c = self.streams[name]
-            heatmap, offset, mask = self._stream_targets(targets, name, c, pred.shape[0])
+            heatmap, offset, mask, level_target, level_mask = self._stream_targets(targets, name, c, pred.shape[0])
             size = heatmap.shape[-2:]
             if logits.shape[-2:] != size:
-                logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
-                offsets = F.interpolate(offsets, size=size, mode="bilinear", align_corners=False)
+                logits, offsets, level = (
+                    F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (logits, offsets, level)
+                )
             parts[f"{name}_heatmap"] = self.heatmap_loss(logits, heatmap)
+            parts[f"{name}_level"] = self.level_loss(level, level_target, level_mask)
             if not self.use_offset_loss:
                 parts[f"{name}_offset"] = torch.zeros((), dtype=parts[f"{name}_heatmap"].dtype, device=pred.device)
                 continue
@@ -195,15 +208,14 @@ class SpineOneLoss(nn.Module):
         return total_loss(parts), parts
 
     @staticmethod
-    def _stream_targets(
-        targets: Mapping[str, torch.Tensor], name: str, c: int, batch: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        keys = (f"{name}_heatmap", f"{name}_offset", f"{name}_offset_mask")
+    def _stream_targets(targets: Mapping[str, torch.Tensor], name: str, c: int, batch: int) -> tuple[torch.Tensor, ...]:
+        """``(heatmap, offset, offset_mask, level, level_mask)`` of one stream as float32 plain tensors."""
+        keys = tuple(f"{name}_{suffix}" for suffix in ("heatmap", "offset", "offset_mask", "level", "level_mask"))
         missing = [k for k in keys if k not in targets]
         if missing:
             raise KeyError(f"targets miss {missing} for stream {name!r}; got keys {sorted(targets)}")
         # plain tensors: MetaTensor targets would turn the loss values into MetaTensors
-        heatmap, offset, mask = (
+        heatmap, offset, mask, level, level_mask = (
             (t.as_tensor() if isinstance(t, MetaTensor) else t).float() for t in (targets[k] for k in keys)
         )
         if heatmap.ndim != 4 or tuple(heatmap.shape[:2]) != (batch, c):
@@ -212,4 +224,7 @@ class SpineOneLoss(nn.Module):
         for key, t in ((keys[1], offset), (keys[2], mask)):
             if tuple(t.shape) != expected:
                 raise ValueError(f"{key} must be {expected}, got {tuple(t.shape)}")
-        return heatmap, offset, mask
+        for key, t in ((keys[3], level), (keys[4], level_mask)):
+            if tuple(t.shape) != (batch, 1, *heatmap.shape[-2:]):
+                raise ValueError(f"{key} must be {(batch, 1, *heatmap.shape[-2:])}, got {tuple(t.shape)}")
+        return heatmap, offset, mask, level, level_mask

@@ -2,7 +2,7 @@
 
 A *stream* is one structure type (disc, vertebra). Each has an ordered tuple of level names
 (head to feet) and an ordered tuple of class names; the network gives it ``C = len(classes)``
-heatmap channels and ``2C`` offset channels.
+heatmap channels, ``2C`` offset channels and one level-map channel.
 """
 
 from __future__ import annotations
@@ -104,23 +104,29 @@ def class_counts(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[
 
 
 def stream_channels(streams: Mapping[str, int]) -> int:
-    """Total output channels of the network: ``sum(3 * C)`` over streams."""
-    return sum(3 * int(c) for c in streams.values())
+    """Total output channels of the network: ``sum(3 * C + 1)`` over streams (see :func:`split_output`)."""
+    return sum(3 * int(c) + 1 for c in streams.values())
 
 
-def split_output(output: torch.Tensor, streams: Mapping[str, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Split the network's single output (B, sum 3C, H, W) into ``{stream: (logits (B,C,H,W), offsets (B,2C,H,W))}``.
+def split_output(
+    output: torch.Tensor, streams: Mapping[str, int]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Split the network's single output (B, sum (3C + 1), H, W) into
+    ``{stream: (logits (B, C, H, W), offsets (B, 2C, H, W), level (B, 1, H, W))}``.
 
     Streams follow the mapping's order; within a stream, C heatmap logits come first, then 2C offsets
-    interleaved ``(dx_0, dy_0, dx_1, dy_1, ...)`` (dx along columns, dy along rows).
+    interleaved ``(dx_0, dy_0, dx_1, dy_1, ...)`` (dx along columns, dy along rows), then one level map: the
+    regressed level index (0 = the stream's first level, head to feet) of the structure under each pixel.
     """
     expected = stream_channels(streams)
     if output.ndim != 4 or output.shape[1] != expected:
         raise ValueError(f"expected output of shape (B, {expected}, H, W), got {tuple(output.shape)}")
-    parts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    parts: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     start = 0
     for name, c in streams.items():
         c = int(c)
-        parts[name] = (output[:, start : start + c], output[:, start + c : start + 3 * c])
-        start += 3 * c
+        logits = output[:, start : start + c]
+        offsets = output[:, start + c : start + 3 * c]
+        parts[name] = (logits, offsets, output[:, start + 3 * c : start + 3 * c + 1])
+        start += 3 * c + 1
     return parts

@@ -83,9 +83,14 @@ def _case(spec: StreamSpec, xy: np.ndarray, labels: list[int], affine: torch.Ten
     return torch.tensor(xy)[order], mm[order], torch.tensor(labels)[order]
 
 
-def _perfect_prediction(out: dict, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _perfect_prediction(out: dict, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     logits = torch.logit(out[f"{name}_heatmap"] * 0.999)[None]  # 0 -> -inf: background votes nothing
-    return logits, out[f"{name}_offset"][None]
+    return logits, out[f"{name}_offset"][None], out[f"{name}_level"][None]
+
+
+def _no_level(logits: torch.Tensor) -> torch.Tensor:
+    """A level map without information (NaN): the level assignment then uses spacing and scores only."""
+    return torch.full_like(logits[:, :1], float("nan"))
 
 
 def _check(kps: list[dict], spec: StreamSpec, xy, mm, labels, tol: float):
@@ -149,7 +154,8 @@ def test_round_trip_oblique_affine_both_streams(flip_rows):
 
 def test_round_trip_without_affine_orders_by_row():
     _, disc, _, out = _round_trip_inputs(flip_rows=True)
-    kps = _codec([DISC]).decode(_output(*_perfect_prediction(out, "disc")))[0]["disc"]
+    logits, offsets, _ = _perfect_prediction(out, "disc")  # no level cue: names follow the rows
+    kps = _codec([DISC]).decode(_output(logits, offsets, _no_level(logits)))[0]["disc"]
     order = torch.argsort(disc[0][:, 1])
     _check(kps, DISC, disc[0][order], None, disc[2][order], tol=0.01)
     assert all(kp["mm"] is None for kp in kps)
@@ -157,11 +163,12 @@ def test_round_trip_without_affine_orders_by_row():
 
 def test_round_trip_full_output_tensor_and_batched_affines():
     affine, disc, vert, out = _round_trip_inputs()
-    dl, do = _perfect_prediction(out, "disc")
-    vl, vo = _perfect_prediction(out, "vertebra")
-    output = torch.cat([dl, do, vl, vo], 1).repeat(2, 1, 1, 1)
+    dl, do, dv = _perfect_prediction(out, "disc")
+    vl, vo, vv = _perfect_prediction(out, "vertebra")
+    output = torch.cat([dl, do, dv, vl, vo, vv], 1).repeat(2, 1, 1, 1)
     parts = split_output(output, {"disc": 3, "vertebra": 2})
     assert torch.equal(parts["vertebra"][1], vo.repeat(2, 1, 1, 1))
+    assert torch.equal(parts["vertebra"][2], vv.repeat(2, 1, 1, 1))
     codec = _codec(
         {
             "disc": {"levels": DISC.levels, "classes": DISC.classes},
@@ -203,7 +210,7 @@ def test_network_like_stride_four_predictions_upsampled():
         offsets[0, 2 * c + 1][own] = (gt_xy[k, 1] - cy).expand(n, n)[own]
     codec = _codec([DISC], network_stride=4)
     assert codec.upsample == 4
-    kps = codec.decode(_output(logits, offsets).float(), affine)[0]["disc"]
+    kps = codec.decode(_output(logits, offsets, _no_level(logits)).float(), affine)[0]["disc"]
     assert [kp["level"] for kp in kps] == list(DISC.levels)
     assert [kp["label"] for kp in kps] == labels.tolist()
     np.testing.assert_allclose([kp["xy"] for kp in kps], gt_xy.numpy(), atol=1.0)
@@ -212,7 +219,7 @@ def test_network_like_stride_four_predictions_upsampled():
 def test_channels_last_output_decodes_like_nchw():
     """The inference path runs the network in channels_last; its output decodes exactly as the NCHW copy."""
     torch.manual_seed(3)
-    output = torch.randn(2, 9, 24, 20)
+    output = torch.randn(2, 10, 24, 20)
     output[:, :3] *= 4.0
     codec = _codec([DISC], network_stride=4)
     nchw = codec.decode(output)
@@ -235,7 +242,7 @@ def test_class_probabilities_score_and_fewer_peaks():
         offsets[0, 2 * c][disk] = (10 - cols)[disk].float()
         offsets[0, 2 * c + 1][disk] = (7 - rows)[disk].float()
     logits = torch.logit(probs)
-    kps = _codec([spec], radius=radius).decode(_output(logits, offsets))[0]["disc"]
+    kps = _codec([spec], radius=radius).decode(_output(logits, offsets, _no_level(logits)))[0]["disc"]
     assert len(kps) == 1  # one positive peak for five levels
     kp = kps[0]
     # a lone structure is anchored at the caudal end (the most caudal level), see the level tests
@@ -253,7 +260,7 @@ def test_plateau_peak_counted_once():
     offsets = torch.zeros(1, 2, 12, 12)
     logits[0, 0, 5, 5] = 10.0
     offsets[0, 0, 5, 5] = 0.5
-    kps = _codec([spec]).decode(_output(logits, offsets))[0]["disc"]
+    kps = _codec([spec]).decode(_output(logits, offsets, _no_level(logits)))[0]["disc"]
     assert len(kps) == 1 and kps[0]["xy"] == pytest.approx([5.5, 5.0], abs=1e-4)
 
 
@@ -263,7 +270,7 @@ def test_decode_argument_checks():
     with pytest.raises(TypeError, match="single output tensor"):
         _codec([DISC]).decode({"disc": (torch.zeros(1, 3, 8, 8), torch.zeros(1, 6, 8, 8))})
     with pytest.raises(ValueError, match="affine"):
-        _codec([DISC]).decode(torch.zeros(1, 9, 8, 8), torch.eye(3))
+        _codec([DISC]).decode(torch.zeros(1, 10, 8, 8), torch.eye(3))
     with pytest.raises(ValueError, match="nms_kernel"):
         _codec([DISC], nms_kernel=2)
     with pytest.raises(ValueError, match="network_stride"):
@@ -309,12 +316,18 @@ def test_codec_encode_then_decode_round_trip(target_stride, network_stride):
     xy = np.stack([60.0 + 2.0 * np.arange(6), 10.0 + 21.0 * np.arange(6)], 1)
     _, mm, labels = _case(DISC, xy, [2, 0, 1, 1, 0, 2], affine)
     t = codec.encode({"disc": mm}, {"disc": labels}, affine, (128, 128))
-    logits, offsets = torch.where(t["disc_heatmap"] > 0, 8.0, -8.0), t["disc_offset"]
+    logits, offsets, level = torch.where(t["disc_heatmap"] > 0, 8.0, -8.0), t["disc_offset"], t["disc_level"]
     if network_stride != target_stride:  # what the network would give: the targets on its coarser grid
         scale = target_stride / network_stride
-        logits = F.interpolate(logits[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
-        offsets = F.interpolate(offsets[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
-    kps = codec.decode(torch.cat([logits, offsets])[None], affine)[0]["disc"]
+        logits, offsets = (
+            F.interpolate(v[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+            for v in (logits, offsets)
+        )
+        # the level map where the disks are (a network predicts it everywhere; outside the disks it has no target)
+        k = network_stride // target_stride
+        covered = F.avg_pool2d(t["disc_level_mask"][None], k)[0]
+        level = F.avg_pool2d((t["disc_level"] * t["disc_level_mask"])[None], k)[0] / covered
+    kps = codec.decode(torch.cat([logits, offsets, level])[None], affine)[0]["disc"]
     assert [kp["level"] for kp in kps] == list(DISC.levels)
     assert [kp["label"] for kp in kps] == labels.tolist()
     tol = 0.05 if network_stride == target_stride else 1.5

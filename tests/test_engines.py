@@ -70,7 +70,7 @@ def test_standard_handlers_fire_on_iteration_and_backward_events():
     assert len(clipped) == 2 and clipped[0][1] <= 0.5 + 1e-4 and clipped[0][0] > 0.5  # BACKWARD_COMPLETED fired
     assert math.isnan(clipped[1][0])
     parts = loss.logged_parts()
-    assert set(parts) == {"disc_heatmap", "disc_offset", "total"}
+    assert set(parts) == {"disc_heatmap", "disc_offset", "disc_level", "total"}
 
 
 def test_evaluator_decodes_through_its_postprocessing():

@@ -80,7 +80,12 @@ def _synthetic_output(codec: OCPCCodec, affine, shape, discs: dict[str, np.ndarr
     points = torch.tensor(np.array(list(discs.values())), dtype=torch.float64)
     t = every.encode({spec.name: points}, {spec.name: torch.zeros(len(discs), dtype=torch.int64)}, affine, shape)
     logits = torch.where(t[f"{spec.name}_heatmap"] > 0, 8.0, -8.0)
-    return torch.cat([logits, t[f"{spec.name}_offset"]])[None]
+    # the level map of a perfect network: each disc's level index counted from the stream's first level
+    # (thoracic discs above it negative), on the pixels of its disk
+    first = DISC_NAMES.index(spec.levels[0].replace("/", "-"))
+    index = torch.tensor([DISC_NAMES.index(name) - first for name in discs], dtype=torch.float32)
+    level = index[t[f"{spec.name}_level"].long()] * t[f"{spec.name}_level_mask"]
+    return torch.cat([logits, t[f"{spec.name}_offset"], level])[None]
 
 
 def _names(codec: OCPCCodec, output, affine, discs: dict[str, np.ndarray]) -> dict[str, str]:
@@ -114,12 +119,11 @@ def test_levels_right_whatever_the_top_of_the_field_of_view(fov_top, index):
     assert named == expected
 
 
-@pytest.mark.parametrize("dropped", LUMBAR[:4])
+@pytest.mark.parametrize("dropped", LUMBAR)
 def test_drop_one_structure_the_rest_keep_their_names(dropped):
     """Remove one disc from the synthetic heatmap (thoracic discs still in view): it is absent, no name shifts.
 
-    The most caudal disc is the anchor of the assignment (the sacrum is always in view); a lost L5-S1 on a
-    disc-only output cannot be told from a lost L1-L2 and is not covered here.
+    A lost L5-S1 cannot be told from a lost L1-L2 by spacing alone; the level map tells them apart.
     """
     study = phantom_study(3, 2, "rsna", min_size=128, max_size=160, fov_top="T11")
     affine, discs = _visible_discs(study)
@@ -137,3 +141,19 @@ def test_fov_option_keeps_default_phantoms_unchanged():
     assert np.array_equal(a.sagittal_t2.geometry.positions, b.sagittal_t2.geometry.positions)
     with pytest.raises(ValueError, match="fov_top"):
         phantom_study(0, 4, "rsna", fov_top="T8")
+
+
+def test_hand_case_level_estimates_tell_a_missed_last_level_from_a_missed_first():
+    """Four equally spaced discs of five levels: spacing alone anchors them at the caudal end (levels 1-4);
+    estimates near 0..3 (L5/S1 missed) move them to 0-3, estimates near 1..4 keep 1-4; NaN is no cue."""
+    pos = np.stack([np.zeros(4), 35.0 * np.arange(4)], 1)
+    assert assign_levels(pos, np.ones(4), 5, 35.0).level.tolist() == [1, 2, 3, 4]
+    est = np.array([0.1, 0.9, 2.2, 3.0])
+    got = assign_levels(pos, np.ones(4), 5, 35.0, level_estimates=est)
+    assert got.level.tolist() == [0, 1, 2, 3]
+    assert assign_levels(pos, np.ones(4), 5, 35.0, level_estimates=est + 1).level.tolist() == [1, 2, 3, 4]
+    assert assign_levels(pos, np.ones(4), 5, 35.0, level_estimates=np.full(4, np.nan)).level.tolist() == [1, 2, 3, 4]
+    # confidence falls with the disagreement between the estimate and the level taken
+    assert got.confidence[2] < got.confidence[3]
+    with pytest.raises(ValueError, match="level_sigma"):
+        assign_levels(pos, np.ones(4), 5, 35.0, level_estimates=est, level_sigma=0.0)

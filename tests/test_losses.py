@@ -28,13 +28,21 @@ def _focal_grad(x: float, t: int) -> float:
     return -2 * p**2 * (1 - p) * math.log(1 - p) + p**3
 
 
-def _targets(hm, off, mask, name="disc"):
-    return {f"{name}_heatmap": hm, f"{name}_offset": off, f"{name}_offset_mask": mask}
+def _targets(hm, off, mask, name="disc", level=None, level_mask=None):
+    """Targets of one stream; the level map and its mask default to zeros (no level term)."""
+    zeros = torch.zeros_like(hm[:, :1])
+    return {
+        f"{name}_heatmap": hm,
+        f"{name}_offset": off,
+        f"{name}_offset_mask": mask,
+        f"{name}_level": zeros if level is None else level,
+        f"{name}_level_mask": zeros if level_mask is None else level_mask,
+    }
 
 
-def _pred_1class(logits, offsets):
-    """Network output for one stream with C = 1: (B, 3, H, W)."""
-    return torch.cat([logits, offsets], dim=1)
+def _pred_1class(logits, offsets, level=None):
+    """Network output for one stream with C = 1: (B, 4, H, W); the level map defaults to zeros."""
+    return torch.cat([logits, offsets, torch.zeros_like(logits) if level is None else level], dim=1)
 
 
 LOGITS = [[0.5, -1.0], [2.0, -0.3]]
@@ -79,7 +87,7 @@ def test_l1_term_hand_computed_with_mask():
 
 def test_upsampling_path_half_size_prediction():
     torch.manual_seed(0)
-    pred = torch.randn(2, 9 + 6, 4, 4)
+    pred = torch.randn(2, 10 + 7, 4, 4)
     counts = {"disc": 3, "vertebra": 2}
     targets = {}
     for name, c in counts.items():
@@ -93,7 +101,7 @@ def test_upsampling_path_half_size_prediction():
         )
     loss = SpineOneLoss(streams(**counts))
     total, parts = loss.loss_parts(pred, targets)
-    assert list(parts) == ["disc_heatmap", "disc_offset", "vertebra_heatmap", "vertebra_offset"]
+    assert list(parts) == [f"{s}_{p}" for s in ("disc", "vertebra") for p in ("heatmap", "level", "offset")]
     assert torch.allclose(total, sum(parts.values()))
     assert torch.allclose(total, total_loss(parts))
     # reference: upsample first, then the same loss on full-size predictions
@@ -108,7 +116,7 @@ def test_upsampling_path_half_size_prediction():
 
 def test_no_offset_loss_switch():
     torch.manual_seed(1)
-    pred = torch.randn(1, 3, 4, 4)
+    pred = torch.randn(1, 4, 4, 4)
     t = _targets((torch.rand(1, 1, 4, 4) > 0.5).float(), torch.randn(1, 2, 4, 4), torch.ones(1, 2, 4, 4))
     total, parts = SpineOneLoss(streams(disc=1), use_offset_loss=False).loss_parts(pred, t)
     assert parts["disc_offset"].item() == 0.0
@@ -119,10 +127,10 @@ def test_target_validation():
     loss = SpineOneLoss(streams(disc=1))
     partial = {"disc_heatmap": torch.zeros(1, 1, 2, 2), "disc_offset": torch.zeros(1, 2, 2, 2)}
     with pytest.raises(KeyError, match="disc_offset_mask"):
-        loss.loss_parts(torch.zeros(1, 3, 2, 2), partial)
+        loss.loss_parts(torch.zeros(1, 4, 2, 2), partial)
     bad = _targets(torch.zeros(1, 1, 2, 2), torch.zeros(1, 1, 2, 2), torch.zeros(1, 2, 2, 2))
     with pytest.raises(ValueError, match="disc_offset"):
-        loss.loss_parts(torch.zeros(1, 3, 2, 2), bad)
+        loss.loss_parts(torch.zeros(1, 4, 2, 2), bad)
 
 
 def test_oa_mode_validation():
@@ -212,7 +220,7 @@ def test_oa_changes_only_offset_gradient(mode):
         3 * torch.randn(2, 4, 16, 16),
         (torch.rand(2, 4, 16, 16) > 0.3).float(),
     )
-    base = torch.randn(2, 6, 8, 8)
+    base = torch.randn(2, 7, 8, 8)
     grads = {}
     for oa in (False, True):
         pred = base.clone().requires_grad_(True)
@@ -222,12 +230,13 @@ def test_oa_changes_only_offset_gradient(mode):
         if oa:
             assert parts["disc_heatmap"].requires_grad
     assert torch.equal(grads[False][:, :2], grads[True][:, :2])  # heatmap logits: identical
-    assert not torch.allclose(grads[False][:, 2:], grads[True][:, 2:])  # offsets: different
+    assert not torch.allclose(grads[False][:, 2:6], grads[True][:, 2:6])  # offsets: different
+    assert torch.equal(grads[False][:, 6:], grads[True][:, 6:])  # level map: identical
 
 
 def test_oa_switch_at_run_time():
     torch.manual_seed(3)
-    pred = torch.randn(1, 3, 8, 8)
+    pred = torch.randn(1, 4, 8, 8)
     t = _targets((torch.rand(1, 1, 8, 8) > 0.7).float(), 2 * torch.randn(1, 2, 8, 8), torch.ones(1, 2, 8, 8))
     loss = SpineOneLoss(streams(disc=1))
     off = loss.loss_parts(pred, t)[1]["disc_offset"]
@@ -238,7 +247,7 @@ def test_oa_switch_at_run_time():
 
 def test_metatensor_inputs_give_plain_tensors_and_gradients():
     torch.manual_seed(4)
-    pred = MetaTensor(torch.randn(1, 3, 4, 4)).requires_grad_(True)
+    pred = MetaTensor(torch.randn(1, 4, 4, 4)).requires_grad_(True)
     plain = _targets(torch.ones(1, 1, 8, 8), torch.ones(1, 2, 8, 8), torch.ones(1, 2, 8, 8))
     t = {k: MetaTensor(v) for k, v in plain.items()}
     total, parts = SpineOneLoss(streams(disc=1), oa_enabled=True).loss_parts(pred, t)
@@ -251,12 +260,26 @@ def test_forward_returns_the_total_and_keeps_the_parts_for_logging():
     """MONAI's trainer takes ``loss_function(pred, targets)`` as one tensor; the parts are logged from ``logged_parts``."""
     torch.manual_seed(3)
     loss = SpineOneLoss(streams(disc=1))
-    pred = torch.randn(2, 3, 4, 4)
+    pred = torch.randn(2, 4, 4, 4)
     t = _targets((torch.rand(2, 1, 8, 8) > 0.7).float(), torch.randn(2, 2, 8, 8), torch.ones(2, 2, 8, 8))
     total = loss(pred, t)
     ref_total, ref_parts = loss.loss_parts(pred, t)
     assert total.ndim == 0 and torch.equal(total, ref_total)
     logged = loss.logged_parts()
-    assert set(logged) == {"disc_heatmap", "disc_offset", "total"}
+    assert set(logged) == {"disc_heatmap", "disc_offset", "disc_level", "total"}
     assert logged["total"] == pytest.approx(float(ref_total))
     assert logged["disc_offset"] == pytest.approx(float(ref_parts["disc_offset"]))
+
+
+def test_level_loss_is_the_masked_mean_absolute_level_error():
+    """Hand case: inside the mask the level map is off by 0.5 and 1.5 levels; outside, errors do not count."""
+    level = torch.tensor([[[[0.5, 2.5], [9.0, 9.0]]]])
+    target = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+    mask = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert SpineOneLoss.level_loss(level, target, mask).item() == pytest.approx(1.0)
+    loss = SpineOneLoss(streams(disc=1))
+    hm = torch.zeros(1, 1, 2, 2)
+    t = _targets(hm, torch.zeros(1, 2, 2, 2), torch.zeros(1, 2, 2, 2), level=target, level_mask=mask)
+    total, parts = loss.loss_parts(_pred_1class(torch.full_like(hm, -9.0), torch.zeros(1, 2, 2, 2), level), t)
+    assert parts["disc_level"].item() == pytest.approx(1.0)
+    assert total.item() == pytest.approx(sum(v.item() for v in parts.values()))

@@ -50,10 +50,11 @@ def _sagittal_affine(spacing: float, origin: tuple[float, float, float]) -> np.n
 
 
 def _peaked_output(peaks: list[tuple[int, int, int]], grid: int = 16) -> torch.Tensor:
-    """Network output (9, grid, grid): heatmap logits +20 on 3x3 blocks centred at (row, col) for class c,
-    -1e4 (p = 0) elsewhere, zero offsets."""
-    out = torch.zeros(9, grid, grid)
+    """Network output (10, grid, grid): heatmap logits +20 on 3x3 blocks centred at (row, col) for class c,
+    -1e4 (p = 0) elsewhere, zero offsets, no level cue (NaN)."""
+    out = torch.zeros(10, grid, grid)
     out[:3] = -1e4
+    out[9] = float("nan")
     for row, col, c in peaks:
         out[c, row - 1 : row + 2, col - 1 : col + 2] = 20.0
     return out
@@ -119,13 +120,13 @@ def test_keypoints_to_label_rejects_bad_input():
         KeypointsToLabeld("pred")
     post = KeypointsToLabeld("pred", STREAMS)
     with pytest.raises(TypeError, match="MetaTensor"):
-        post({"image": torch.zeros(7, 8, 8), "pred": torch.zeros(9, 2, 2), "keypoints": {}})
+        post({"image": torch.zeros(7, 8, 8), "pred": torch.zeros(10, 2, 2), "keypoints": {}})
     image = MetaTensor(torch.zeros(7, 8, 8), meta={"original_affine": np.eye(4), "spatial_shape": np.array([8, 8])})
     with pytest.raises(KeyError, match="KeypointsDecoded"):
-        post({"image": image, "pred": torch.zeros(9, 2, 2)})
+        post({"image": image, "pred": torch.zeros(10, 2, 2)})
     decode = KeypointsDecoded(OCPCCodec(STREAMS, network_stride=4))
     with pytest.raises(ValueError, match="one item"):
-        decode({"image": image, "pred": torch.zeros(1, 9, 2, 2)})
+        decode({"image": image, "pred": torch.zeros(1, 10, 2, 2)})
 
 
 def test_check_image_id_names_the_missing_image():

@@ -298,13 +298,14 @@ def test_pretrained_offline_gives_clear_error(monkeypatch, tmp_path):
 def test_spineone_shapes_and_attributes():
     net = SpineOne(streams(disc=2, vertebra=2), backbone_depth=18).eval()
     assert net.streams == {"disc": 2, "vertebra": 2} and list(net.streams) == ["disc", "vertebra"]
-    assert net.out_channels == 12
+    assert net.out_channels == 14
     with torch.no_grad():
         out = net(torch.randn(2, 7, 64, 96))
-    assert tuple(out.shape) == (2, 12, 16, 24)
+    assert tuple(out.shape) == (2, 14, 16, 24)
     parts = net.split(out)
     assert list(parts) == ["disc", "vertebra"]
     assert tuple(parts["vertebra"][0].shape) == (2, 2, 16, 24) and tuple(parts["vertebra"][1].shape) == (2, 4, 16, 24)
+    assert tuple(parts["vertebra"][2].shape) == (2, 1, 16, 24)
 
 
 def test_spineone_r50_parameter_count():
@@ -323,14 +324,17 @@ def test_output_layout_per_stream():
             head.offset.weight.zero_()
             head.heatmap.bias.copy_(100.0 * s + torch.arange(head.num_classes))
             head.offset.bias.copy_(100.0 * s + 10.0 + torch.arange(2 * head.num_classes))
+            head.level.weight.zero_()
+            head.level.bias.fill_(100.0 * s + 50.0)
         out = net(torch.randn(1, 7, 32, 48))
     channel_values = out[0, :, 0, 0].tolist()
-    assert channel_values == [0, 1, 2, 10, 11, 12, 13, 14, 15, 100, 101, 110, 111, 112, 113]
+    assert channel_values == [0, 1, 2, 10, 11, 12, 13, 14, 15, 50, 100, 101, 110, 111, 112, 113, 150]
     parts = net.split(out)
     assert torch.equal(parts["disc"][1][:, 4], out[:, 7])  # disc class 2 dx
     assert parts["vertebra"][1][0, :, 3, 5].tolist() == [110, 111, 112, 113]
+    assert parts["disc"][2][0, 0, 3, 5].item() == 50 and parts["vertebra"][2][0, 0, 3, 5].item() == 150
     reference = split_output(out, {"disc": 3, "vertebra": 2})
-    assert all(torch.equal(reference[k][i], parts[k][i]) for k in parts for i in range(2))
+    assert all(torch.equal(reference[k][i], parts[k][i]) for k in parts for i in range(3))
 
 
 def test_stream_head_attention_options():
@@ -357,7 +361,7 @@ def test_spineone_input_and_argument_checks():
     net = SpineOne(streams(disc=3), backbone_depth=18)
     with pytest.raises(ValueError, match="batch of at least 2"):
         net(torch.randn(1, 7, 64, 64))
-    assert tuple(net(torch.randn(2, 7, 64, 64)).shape) == (2, 9, 16, 16)  # training mode, batch 2
+    assert tuple(net(torch.randn(2, 7, 64, 64)).shape) == (2, 10, 16, 16)  # training mode, batch 2
     net.eval()
     with pytest.raises(ValueError, match="multiples of 16"):
         net(torch.randn(1, 7, 40, 64))
@@ -383,7 +387,7 @@ def test_scripted_equals_eager():
     x = torch.randn(1, 7, 64, 64)
     with torch.no_grad():
         eager, script_out = net(x), scripted(x)
-    assert tuple(script_out.shape) == (1, 12, 16, 16)
+    assert tuple(script_out.shape) == (1, 14, 16, 16)
     torch.testing.assert_close(script_out, eager, atol=1e-4, rtol=1e-4)
     with pytest.raises(Exception, match="multiples of 16"):
         scripted(torch.randn(1, 7, 48, 40))

@@ -193,11 +193,13 @@ def test_autocast_inferer_trains_with_float32_gradients():
 def test_loss_is_float32_under_autocast_and_for_bf16_predictions():
     torch.manual_seed(0)
     loss = SpineOneLoss(RSNA_STREAMS, oa_enabled=True)
-    pred = torch.randn(2, 9, 4, 4)
+    pred = torch.randn(2, 10, 4, 4)
     targets = {
         "disc_heatmap": (torch.rand(2, 3, 8, 8) > 0.8).float(),
         "disc_offset": torch.randn(2, 6, 8, 8),
         "disc_offset_mask": (torch.rand(2, 6, 8, 8) > 0.5).float(),
+        "disc_level": 4 * torch.rand(2, 1, 8, 8),
+        "disc_level_mask": (torch.rand(2, 1, 8, 8) > 0.5).float(),
     }
     ref_total, ref_parts = loss.loss_parts(pred.bfloat16().float(), targets)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -69,7 +69,7 @@ def test_verify_net_in_out_one_tensor_with_metadata_channels(tmp_path):
         "_meta_#network_data_format#inputs#image#spatial_shape": [128, 128],
     }
     verify_net_in_out(**kwargs)
-    with pytest.raises(ValueError, match="channel number"):  # Tianchi's two streams give 18 channels, not 9
+    with pytest.raises(ValueError, match="channel number"):  # Tianchi's two streams give 20 channels, not 10
         verify_net_in_out(**kwargs, dataset_format="tianchi")
 
 
@@ -103,7 +103,7 @@ def test_ckpt_export_torchscript_matches_eager(tmp_path):
     x = torch.randn(1, 7, 96, 128)
     with torch.no_grad():
         eager, exported = net(x), scripted(x)
-    assert exported.shape == eager.shape == (1, 9, 24, 32)
+    assert exported.shape == eager.shape == (1, 10, 24, 32)
     torch.testing.assert_close(exported, eager, atol=1e-4, rtol=0)
 
 
@@ -365,7 +365,7 @@ def _verify_offline(bundle_root: Path, schema: Path) -> None:
     if not large.exists():
         ts = bundle_root / "models" / "verify_model.ts"
         ckpt_export(**common, filepath=str(ts), ckpt_file=str(bundle_root / "models" / "model.pt"))
-        assert torch.jit.load(str(ts))(torch.randn(1, 7, 64, 64)).shape == (1, 9, 16, 16)
+        assert torch.jit.load(str(ts))(torch.randn(1, 7, 64, 64)).shape == (1, 10, 16, 16)
 
 
 def test_packaged_copy_passes_verify_bundle_checks_offline(tmp_path, meta_schema, monkeypatch):

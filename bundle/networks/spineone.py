@@ -1,8 +1,9 @@
 """SpineOne network (He et al. 2021, Fig. 2-3): DeepLabv3+ features, then one attention head per stream.
 
-Output layout (one tensor, stride-4 grid): per stream in mapping order, C heatmap logits then 2C offsets
-interleaved ``(dx_0, dy_0, dx_1, dy_1, ...)``; :meth:`SpineOne.split` (``bundle.streams.split_output``)
-separates them.
+Output layout (one tensor, stride-4 grid): per stream in mapping order, C heatmap logits, 2C offsets
+interleaved ``(dx_0, dy_0, dx_1, dy_1, ...)``, then one level map (the regressed level index of the
+structure under each pixel, an addition to the paper that keeps level names right when a structure is
+missed); :meth:`SpineOne.split` (``bundle.streams.split_output``) separates them.
 """
 
 from __future__ import annotations
@@ -40,13 +41,13 @@ def _normalise_attention(attention: Sequence[str] | str | None) -> tuple[str, ..
 class StreamHead(nn.Module):
     """One stream: ``U = PAM(x) + CAM(x)`` (only the modules named in ``attention``; none gives ``U = x``),
     Conv(64, 32, 3) + BN + ReLU, Conv(32, 32, 3) + BN + ReLU, then a 1x1 heatmap head (C logits, bias
-    ``-log((1 - 0.01) / 0.01)``) and a 1x1 offset head (2C).
+    ``-log((1 - 0.01) / 0.01)``), a 1x1 offset head (2C) and a 1x1 level head (1: the level index, in levels).
 
-    ``forward(x)``: x (B, channels, h, w) -> (B, 3C, h, w) = [C logits, 2C offsets].
+    ``forward(x)``: x (B, channels, h, w) -> (B, 3C + 1, h, w) = [C logits, 2C offsets, level].
 
     Example:
         >>> StreamHead(3)(torch.randn(1, 64, 16, 16)).shape
-        torch.Size([1, 9, 16, 16])
+        torch.Size([1, 10, 16, 16])
     """
 
     def __init__(
@@ -73,6 +74,7 @@ class StreamHead(nn.Module):
         )
         self.heatmap = nn.Conv2d(hidden_channels, num_classes, 1)
         self.offset = nn.Conv2d(hidden_channels, 2 * num_classes, 1)
+        self.level = nn.Conv2d(hidden_channels, 1, 1)
         nn.init.constant_(self.heatmap.bias, -math.log((1.0 - HEATMAP_PRIOR) / HEATMAP_PRIOR))
         self.num_classes = int(num_classes)
 
@@ -93,7 +95,7 @@ class StreamHead(nn.Module):
 
     def _outputs(self, u: torch.Tensor) -> torch.Tensor:
         y = self.convs(u)
-        return torch.cat([self.heatmap(y), self.offset(y)], dim=1)
+        return torch.cat([self.heatmap(y), self.offset(y), self.level(y)], dim=1)
 
 
 class SpineOne(nn.Module):
@@ -101,7 +103,7 @@ class SpineOne(nn.Module):
 
     Args:
         streams: the codec's streams (``"@codec"``, StreamSpecs or ``{name: {levels, classes}}``);
-            each stream with C classes gets a head of 3C output channels.
+            each stream with C classes gets a head of 3C + 1 output channels.
         backbone_depth: ResNet depth, 18, 34, 50 or 101.
         in_channels: input channels (7 slices of the 2.5D input).
         attention: DANet modules in each stream head, a subset of ``("pam", "cam")``; empty for none.
@@ -110,14 +112,14 @@ class SpineOne(nn.Module):
             the first conv's RGB filters over ``in_channels``.
 
     ``forward(x)``: x (B, in_channels, H, W), H and W multiples of 16, B >= 2 in training mode ->
-    (B, out_channels, H/4, W/4) with ``out_channels = sum 3C``; per stream C heatmap logits then 2C offsets
-    ``(dx_0, dy_0, ...)``. ``split(output)`` gives ``{stream: (logits, offsets)}``.
+    (B, out_channels, H/4, W/4) with ``out_channels = sum (3C + 1)``; per stream C heatmap logits, 2C offsets
+    ``(dx_0, dy_0, ...)`` and the level map. ``split(output)`` gives ``{stream: (logits, offsets, level)}``.
 
     Example:
         >>> net = SpineOne([StreamSpec("disc", ("L4/L5", "L5/S1"), ("a", "b", "c"))], backbone_depth=18).eval()
         >>> out = net(torch.zeros(1, 7, 64, 64))
         >>> out.shape, net.split(out)["disc"][1].shape
-        (torch.Size([1, 9, 16, 16]), torch.Size([1, 6, 16, 16]))
+        (torch.Size([1, 10, 16, 16]), torch.Size([1, 6, 16, 16]))
     """
 
     def __init__(
@@ -167,6 +169,6 @@ class SpineOne(nn.Module):
         return torch.cat([head(features) for head in self.heads], dim=1)
 
     @torch.jit.unused
-    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Split ``forward``'s output into ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w))}``."""
+    def split(self, output: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Split ``forward``'s output into ``{stream: (logits (B, C, h, w), offsets (B, 2C, h, w), level (B, 1, h, w))}``."""
         return split_output(output, self.streams)
