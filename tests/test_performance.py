@@ -72,7 +72,7 @@ def test_fuse_for_inference_pairs_only():
 
 def test_decoding_under_inference_mode_equals_no_grad():
     torch.manual_seed(1)
-    pred = torch.randn(2, 9, 20, 24) * 3
+    pred = torch.randn(2, 10, 20, 24) * 3
     affine = torch.eye(4, dtype=torch.float64)
     with torch.no_grad():
         ref = CODEC.decode(pred, affine)
@@ -123,7 +123,7 @@ def test_loader_meta_names_middle_file(tmp_path):
 def test_decoding_leaves_the_thread_count_alone():
     """No library call changes process-wide state (concurrent MONAI Label requests share it)."""
     torch.manual_seed(3)
-    pred = torch.randn(1, 9, 24, 20) * 3
+    pred = torch.randn(1, 10, 24, 20) * 3
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)

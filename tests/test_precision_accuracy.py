@@ -43,10 +43,11 @@ def _study(gen: torch.Generator) -> dict:
 
 
 def _network_like_output(study: dict, gen: torch.Generator) -> torch.Tensor:
-    """(9, SIZE, SIZE) logits (+-4 inside / outside the disks, with noise) and offsets (+ noise), stride 1."""
+    """(10, SIZE, SIZE) logits (+-4 inside / outside the disks, with noise), offsets and level map (+ noise), stride 1."""
     logits = 8.0 * study["disc_heatmap"] - 4.0 + 0.5 * torch.randn(3, SIZE, SIZE, generator=gen)
     offsets = study["disc_offset"] + 0.3 * torch.randn(6, SIZE, SIZE, generator=gen)
-    return torch.cat([logits, offsets])
+    level = study["disc_level"] + 0.1 * torch.randn(1, SIZE, SIZE, generator=gen)
+    return torch.cat([logits, offsets, level])
 
 
 def _scores(keypoints: list[dict], studies: list[dict]) -> dict:
