@@ -363,11 +363,11 @@ class OCPCCodec:
     def decode(self, output: torch.Tensor, affine=None) -> list[dict[str, list[dict]]]:
         """Named keypoints per image from the network output (B, sum (3C + 1), h, w) on the network grid.
 
-        Per stream: logits, offsets and the level map are upsampled bilinearly (``align_corners=False``) to the target grid
+        Per stream: logits and offsets are upsampled bilinearly (``align_corners=False``) to the target grid
         (offsets are in target pixels already), sigmoid, Hough voting per class (:func:`bundle.decoding.hough_voting`),
         maximum over classes, NMS, up to ``candidates * K + 4`` peaks (duplicates of one structure merged). At
         each: ``label`` = the class with the highest Hough score, ``probabilities`` = the class scores normalised
-        to sum 1, ``score`` = the highest, ``level_estimate`` = the level map there;
+        to sum 1, ``score`` = the highest, ``level_estimate`` = the level map there (bilinear, read on the network grid);
         ``xy`` (image pixels ``[x=col, y=row]``) refined by mean shift of a 3x3 window on the summed Hough map;
         ``mm`` through ``affine`` (None without). The candidates, head to feet (descending patient z, or
         ascending row without an affine), get level names by :func:`bundle.levels.assign_levels` (from spacing,
@@ -392,10 +392,10 @@ class OCPCCodec:
             # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
             logits, offsets, level = (t.float().contiguous() for t in parts[spec.name])
             if self.upsample != 1:
-                logits, offsets, level = (
+                logits, offsets = (
                     F.interpolate(t, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-                    for t in (logits, offsets, level)
-                )
+                    for t in (logits, offsets)
+                )  # the level map stays on the network grid: it is read at the candidates only
             hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
             best, total = hough.amax(dim=1), hough.sum(dim=1)
             for bi in range(batch):
@@ -429,10 +429,23 @@ class OCPCCodec:
                     "score": float(scores[label]),
                     "xy": [float(v) for v in xy[0]],
                     "mm": pixels_to_mm(xy, affine)[0].tolist() if affine is not None else None,
-                    "level_estimate": float(level[r, col]),
+                    "level_estimate": self._level_at(level, r, col),
                 }
             )
         return found
+
+    def _level_at(self, level: torch.Tensor, r: int, col: int) -> float:
+        """The level map (h, w) on the network grid at target pixel (r, col): the value bilinear upsampling
+        (``align_corners=False``, edges clamped) would give there, without upsampling the whole map."""
+        h, w = level.shape
+        y = min(max((r + 0.5) / self.upsample - 0.5, 0.0), h - 1.0)
+        x = min(max((col + 0.5) / self.upsample - 0.5, 0.0), w - 1.0)
+        y0, x0 = int(y), int(x)
+        y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+        fy, fx = y - y0, x - x0
+        top = (1 - fx) * float(level[y0, x0]) + fx * float(level[y0, x1])
+        bottom = (1 - fx) * float(level[y1, x0]) + fx * float(level[y1, x1])
+        return (1 - fy) * top + fy * bottom
 
     def _name_levels(self, spec: StreamSpec, found: list[dict], has_mm: bool) -> list[dict]:
         """Merge duplicates, order candidates head to feet, assign levels (:func:`bundle.levels.assign_levels`),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import numpy as np
 import pytest
@@ -377,3 +378,15 @@ def test_refine_peak_exact_for_one_vote_and_at_the_border():
     x, y = refine_peak(edge, 7, 0)
     assert x == pytest.approx(0.0, abs=1e-6) and y == pytest.approx(6.5, abs=1e-6)
     assert refine_peak(torch.zeros(4, 4), 1, 2) == (2.0, 1.0)
+
+
+@pytest.mark.parametrize("upsample, shape", [(4, (5, 7)), (2, (6, 3)), (1, (4, 4))])
+def test_level_read_at_a_candidate_equals_the_upsampled_map(upsample, shape):
+    """The level map is read on the network grid; at every target pixel it equals bilinear upsampling there."""
+    level = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    big = F.interpolate(level[None, None], scale_factor=upsample, mode="bilinear", align_corners=False)[0, 0]
+    reader = types.SimpleNamespace(upsample=float(upsample))
+    got = torch.tensor(
+        [[OCPCCodec._level_at(reader, level, r, c) for c in range(big.shape[1])] for r in range(big.shape[0])]
+    )
+    assert torch.allclose(got, big, atol=1e-5)
