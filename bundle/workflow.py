@@ -45,8 +45,12 @@ def prepare_dataset(
     phantom_studies: int = 48,
     phantom_seed: int = 0,
     phantom_max_size: int = 512,
+    phantom_profile: str = "easy",
 ) -> str:
     """Return ``dataset_dir``, generating the embedded phantom set there first when it is the phantom folder and absent.
+
+    An existing phantom folder holding another ``phantom_profile`` ("easy" | "realistic") is an error, so
+    a set of one profile is never reused for the other.
 
     A missing ``dataset_dir`` that is not the phantom folder is an error: real data is never invented.
     """
@@ -59,7 +63,8 @@ def prepare_dataset(
         from bundle.phantoms import generate_phantoms
 
         logger.info(
-            f"generating {phantom_studies} {dataset_format} phantom studies (seed {phantom_seed}) in {dataset_dir}"
+            f"generating {phantom_studies} {dataset_format} phantom studies (seed {phantom_seed}, "
+            f"profile {phantom_profile}) in {dataset_dir}"
         )
         generate_phantoms(
             dataset_dir,
@@ -67,10 +72,20 @@ def prepare_dataset(
             studies=phantom_studies,
             seed=phantom_seed,
             max_size=phantom_max_size,
+            profile=phantom_profile,
             workers=max(1, min(2, os.cpu_count() or 1)),  # output is identical for any number of workers
         )
     elif not dataset_dir.is_dir():
         raise BundleInputError(f"dataset_dir {dataset_dir} is not a folder")
+    elif is_phantom:
+        from bundle.phantoms.layouts import phantom_profile_of
+
+        found = phantom_profile_of(dataset_dir, dataset_format)
+        if found is not None and found != phantom_profile:
+            raise BundleInputError(
+                f"phantom folder {dataset_dir} holds a {found!r} set but phantom_profile is {phantom_profile!r}; "
+                "remove it or point phantom_dir elsewhere"
+            )
     return str(dataset_dir)
 
 

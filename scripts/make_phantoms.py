@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="fraction of normal levels for every condition (default: per condition, ~0.65-0.8)",
     )
+    ap.add_argument(
+        "--profile", choices=("easy", "realistic"), default="easy", help="appearance (bundle.phantoms.profiles)"
+    )
     ap.add_argument("--workers", type=int, default=1, help="processes rendering studies in parallel")
     args = ap.parse_args(argv)
     try:
@@ -62,11 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             max_size=args.size_range[1],
             class_frequencies=_frequencies(args.normal_fraction),
             workers=args.workers,
+            profile=args.profile,
         )
     except (BundleInputError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {args.studies} {args.layout} phantom studies to {out}")
+    print(f"wrote {args.studies} {args.layout} {args.profile} phantom studies to {out}")
     return 0
 
 

@@ -12,10 +12,11 @@ from bundle.phantoms.study import PhantomSeries, PhantomStudy
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian
 
-__all__ = ["MR_IMAGE_STORAGE", "MANUFACTURER", "slice_dataset", "dataset_bytes", "write_atomic"]
+__all__ = ["MR_IMAGE_STORAGE", "MANUFACTURER", "PROFILE_PROTOCOL", "slice_dataset", "dataset_bytes", "write_atomic"]
 
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 MANUFACTURER = "SpineOne phantom"
+PROFILE_PROTOCOL = {"realistic": "SpineOne phantom realistic"}  # ProtocolName of non-"easy" phantom files
 _PYDICOM3 = int(pydicom.__version__.split(".")[0]) >= 3
 
 
@@ -49,6 +50,8 @@ def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np
     ds.ReferringPhysicianName = ""
     ds.StudyDescription = "LUMBAR SPINE"
     ds.SeriesDescription = series.description
+    if series.appearance is not None:  # "easy" files stay byte-identical to those made before profiles
+        ds.ProtocolName = PROFILE_PROTOCOL["realistic"]
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id
     ds.PatientBirthDate = study.birth_date
@@ -80,8 +83,8 @@ def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np
     ds.Columns = g.cols
     ds.PixelSpacing = [_ds(v) for v in g.pixel_spacing]
     ds.BitsAllocated = 16
-    ds.BitsStored = 16
-    ds.HighBit = 15
+    ds.BitsStored = series.bits_stored
+    ds.HighBit = series.bits_stored - 1
     ds.PixelRepresentation = 0
     ds.RescaleIntercept = _ds(series.intercept)
     ds.RescaleSlope = _ds(series.slope)

@@ -12,13 +12,14 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from bundle.errors import BundleInputError
-from bundle.phantoms.dicom import MANUFACTURER, dataset_bytes, slice_dataset, write_atomic
+from bundle.phantoms.dicom import MANUFACTURER, PROFILE_PROTOCOL, dataset_bytes, slice_dataset, write_atomic
+from bundle.phantoms.profiles import check_profile
 from bundle.phantoms.study import LAYOUTS, PHI_MARKER, PhantomStudy, phantom_study
 from bundle.rsna_labels import CONDITIONS as RSNA_CONDITIONS
 from bundle.rsna_labels import LEVEL_KEYS as _RSNA_LEVEL_KEYS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 
-__all__ = ["RSNA_CONDITIONS", "generate_phantoms", "planned_files"]
+__all__ = ["RSNA_CONDITIONS", "generate_phantoms", "phantom_profile_of", "planned_files"]
 
 _RSNA_TABLES = ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv")
 _TOP = {"rsna": set(_RSNA_TABLES) | {"train_images"}, "tianchi": {"lumbar_train", "lumbar_train_annotation.json"}}
@@ -58,8 +59,18 @@ def _is_phantom_dicom(path: Path) -> bool:
     return PHI_MARKER in str(ds.get("PatientID", "")) and str(ds.get("Manufacturer", "")) == MANUFACTURER
 
 
-def _check_out_dir(out: Path, layout: str, planned: set[str]) -> None:
-    """Refuse a non-empty folder unless it is a phantom set of this layout that the new set fully overwrites."""
+def phantom_profile_of(folder: str | Path, layout: str) -> str | None:
+    """Profile ("easy" | "realistic") of the phantom set in ``folder`` (from its first DICOM), None if it has none."""
+    images = Path(folder) / _IMAGES[layout]
+    first = next(iter(sorted(images.rglob("*.dcm"))), None) if images.is_dir() else None
+    if first is None:
+        return None
+    protocol = str(pydicom.dcmread(first, stop_before_pixels=True).get("ProtocolName", ""))
+    return next((name for name, tag in PROFILE_PROTOCOL.items() if tag == protocol), "easy")
+
+
+def _check_out_dir(out: Path, layout: str, planned: set[str], profile: str = "easy") -> None:
+    """Refuse a non-empty folder unless it is a phantom set of this layout and profile that the new set overwrites."""
     if out.exists() and not out.is_dir():
         raise BundleInputError(f"{out}: exists and is not a folder")
     if not out.exists() or not any(out.iterdir()):
@@ -75,6 +86,9 @@ def _check_out_dir(out: Path, layout: str, planned: set[str]) -> None:
             + (f" (unexpected entries {extra[:5]})" if extra else "")
             + f"; {hint}"
         )
+    old = phantom_profile_of(out, layout)
+    if old != profile:
+        raise BundleInputError(f"{out}: holds a {old!r} phantom set, not {profile!r}; {hint}")
     existing = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
     stale = sorted(existing - planned)
     if stale:
@@ -95,8 +109,9 @@ def _write_study(study: PhantomStudy, out: Path) -> None:
 
 
 def _write_study_job(args) -> None:
-    seed, index, layout, min_size, max_size, freqs, out = args
-    _write_study(phantom_study(seed, index, layout, min_size=min_size, max_size=max_size, class_frequencies=freqs), out)
+    seed, index, layout, min_size, max_size, freqs, profile, out = args
+    st = phantom_study(seed, index, layout, min_size=min_size, max_size=max_size, class_frequencies=freqs, profile=profile)
+    _write_study(st, out)
 
 
 def _csv_bytes(rows: list[list]) -> bytes:
@@ -163,13 +178,15 @@ def generate_phantoms(
     max_size: int = 512,
     class_frequencies: Mapping[str, Sequence[float]] | None = None,
     workers: int = 1,
+    profile: str = "easy",
 ) -> Path:
     """Write a deterministic phantom data set in the RSNA or Tianchi layout and return its folder.
 
     The same arguments give byte-identical files. ``out_dir`` must be missing, empty, or a previous
     phantom set of the same layout whose files are all rewritten; nothing is ever deleted. Every file
     is written through a temporary name and ``os.replace``. ``workers > 1`` renders studies in that
-    many processes (same bytes). Ground truth in patient mm: :func:`bundle.phantoms.phantom_study`.
+    many processes (same bytes). ``profile``: "easy" (the original look) or "realistic" (randomised
+    appearance, see ``bundle.phantoms.profiles``); a folder holding the other profile is refused. Ground truth in patient mm: :func:`bundle.phantoms.phantom_study`.
 
     Example:
         >>> import tempfile
@@ -183,19 +200,18 @@ def generate_phantoms(
         raise ValueError(f"studies must be a positive int, got {studies!r}")
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
+    check_profile(profile)
     out = Path(out_dir)
-    plan = [
-        phantom_study(seed, i, layout, min_size=min_size, max_size=max_size, class_frequencies=class_frequencies)
-        for i in range(int(studies))
-    ]
-    _check_out_dir(out, layout, planned_files(plan))
+    kw = dict(min_size=min_size, max_size=max_size, class_frequencies=class_frequencies, profile=profile)
+    plan = [phantom_study(seed, i, layout, **kw) for i in range(int(studies))]
+    _check_out_dir(out, layout, planned_files(plan), profile)
     out.mkdir(parents=True, exist_ok=True)
     if workers == 1 or len(plan) == 1:
         for st in plan:
             _write_study(st, out)
     else:
         freqs = None if class_frequencies is None else {k: list(v) for k, v in class_frequencies.items()}
-        jobs = [(seed, i, layout, min_size, max_size, freqs, out) for i in range(len(plan))]
+        jobs = [(seed, i, layout, min_size, max_size, freqs, profile, out) for i in range(len(plan))]
         with ProcessPoolExecutor(max_workers=int(workers)) as pool:
             list(pool.map(_write_study_job, jobs))
     if layout == "rsna":

@@ -14,7 +14,7 @@ from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, Lateral, Spine, smoo
 from bundle.phantoms.geometry import SeriesGeometry
 from bundle.streams import RSNA_LEVELS
 
-__all__ = ["CONTRASTS", "render_series"]
+__all__ = ["CONTRASTS", "render_realistic", "render_series"]
 
 # relative signal of each tissue: T2 (CSF bright, degenerated disc dark) and T1 (fat bright, CSF dark)
 CONTRASTS: dict[str, dict[str, float]] = {
@@ -303,4 +303,96 @@ def render_series(
         n1 = rng.standard_normal(sig.shape, dtype=np.float32)
         n2 = rng.standard_normal(sig.shape, dtype=np.float32)
         out[k] = _hypot(sig + sigma * n1, sigma * n2)  # Rician magnitude noise
+    return out
+
+
+def _blur_matrix(n: int, sigma_px: float) -> np.ndarray:
+    """(n, n) float32 Gaussian blur operator (rows normalised; identity for ``sigma_px < 0.3``)."""
+    if sigma_px < 0.3:
+        return np.eye(n, dtype=np.float32)
+    d = np.arange(n)[:, None] - np.arange(n)[None, :]
+    k = np.exp(-0.5 * (d / sigma_px) ** 2)
+    return (k / k.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def _tissues(contrast: str, a: dict) -> dict[str, float]:
+    """Tissue signals of a realistic series from its appearance draws ``a`` (see ``profiles``)."""
+    base = dict(CONTRASTS[contrast])
+    if contrast == "T2":
+        base["nucleus"], base["cord"] = a["nucleus"], a["cord"]
+        if a["stir"]:  # fat-suppressed: fat, foraminal fat and marrow dark
+            base["fat"] = base["foramen"] = a["stir_fat"]
+            base["marrow"] *= 0.5
+    return {k: float((val * a["factors"][k]) ** a["gamma"]) for k, val in base.items()}
+
+
+def _field_operators(geom: SeriesGeometry, a: dict) -> tuple[np.ndarray, ...]:
+    """Blur operators of :func:`_fields`: striation (fine across rows, long along columns), then marrow spots."""
+    h, w, ps = geom.rows, geom.cols, geom.pixel_spacing[0]
+    spot = a["spot_mm"] / ps
+    return _blur_matrix(h, 0.8 / ps), _blur_matrix(w, 4.0 / ps), _blur_matrix(h, spot), _blur_matrix(w, spot)
+
+
+def _fields(ops: tuple[np.ndarray, ...], a: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Soft-tissue texture and marrow heterogeneity fields (rows, cols) of one slice, around 1."""
+    br, bc, bs, bt = ops
+    h, w = br.shape[0], bc.shape[0]
+    tex = 1 + a["texture"] * 3 * (br @ rng.standard_normal((h, w), dtype=np.float32) @ bc.T)
+    blob = bs @ rng.standard_normal((h, w), dtype=np.float32) @ bt.T
+    blob /= blob.std() + 1e-6
+    spots = 1 + a["spots"] * (_clip(blob - 1.5, 0, 1) - 0.5 * _clip(-blob - 2.0, 0, 1))  # fatty foci, dark spots
+    return np.maximum(tex, 0.2).astype(np.float32), spots.astype(np.float32)
+
+
+def _artefacts(img: np.ndarray, a: dict) -> np.ndarray:
+    """Motion ghosts and wrap-around along the phase (column) direction of one slice (rows, cols)."""
+    w = img.shape[1]
+    if a["ghost"] > 0:
+        shift = max(1, int(a["ghost_shift"] * w))
+        img = img + a["ghost"] * 0.5 * (np.roll(img, shift, axis=1) + np.roll(img, -shift, axis=1))
+    if a["wrap"] > 0:
+        band = max(1, int(a["wrap"] * w))
+        img = img.copy()
+        img[:, :band] += img[:, -band:][:, ::-1] * 0.6
+    return img
+
+
+def render_realistic(
+    spine: Spine, geom: SeriesGeometry, contrast: str, a: dict, lateral: Lateral | None = None
+) -> np.ndarray:
+    """Render a series with the "realistic" appearance draws ``a``: float32 (S, rows, cols), non-negative.
+
+    Partial volume averages two sub-slices at +-thickness/4; then bias field, anisotropic blur,
+    artefacts and Rician noise with sigma = disc signal / ``a["snr"]``.
+    """
+    rng = np.random.default_rng(a["texture_seed"])
+    v = _tissues(contrast, a)
+    s0, tab = _profile_table(spine)
+    ltab = None if lateral is None else _lateral_table(spine, lateral)
+    edge = max(0.8, 0.7 * geom.pixel_spacing[0])
+    yy = np.linspace(-1, 1, geom.rows)[:, None]
+    xx = np.linspace(-1, 1, geom.cols)[None, :]
+    c = a["bias"]
+    bias = np.exp(c[0] * yy + c[1] * xx + c[2] * yy * yy + c[3] * xx * xx + c[4] * xx * yy).astype(np.float32)
+    br = _blur_matrix(geom.rows, a["blur_mm"][0] / geom.pixel_spacing[0])
+    bc = _blur_matrix(geom.cols, a["blur_mm"][1] / geom.pixel_spacing[1])
+    sigma = np.float32(max(v["nucleus"], v["annulus"]) / a["snr"])
+    out = np.empty((geom.num_slices, geom.rows, geom.cols), np.float32)
+    step = max(1, _CHUNK_PIXELS // geom.cols)
+    ops = _field_operators(geom, a)
+    for k in range(geom.num_slices):
+        tex, spots = _fields(ops, a, rng)
+        normal = geom.dirs(k)[2]
+        img = np.zeros((geom.rows, geom.cols), np.float32)
+        for off in (-0.25, 0.25):  # partial volume across the slice thickness
+            x, y, z = (g + off * geom.slice_thickness * n for g, n in zip(geom.grid(k), normal))
+            x, y, z = (t.astype(np.float32) for t in (x, y, z))
+            for r in range(0, geom.rows, step):
+                sl = slice(r, r + step)
+                vb = dict(v, marrow=v["marrow"] * spots[sl])
+                img[sl] += 0.5 * _slice(spine, s0, tab, x[sl], y[sl], z[sl], vb, edge, tex[sl], ltab)
+        sig = np.maximum(_artefacts(br @ (img * bias) @ bc.T, a), 0)
+        n1 = rng.standard_normal(sig.shape, dtype=np.float32)
+        n2 = rng.standard_normal(sig.shape, dtype=np.float32)
+        out[k] = _hypot(sig + sigma * n1, sigma * n2)
     return out

@@ -27,7 +27,8 @@ from bundle.phantoms.geometry import (
     sample_axial_stack,
     sample_sagittal,
 )
-from bundle.phantoms.render import render_series
+from bundle.phantoms.profiles import check_profile, sample_appearance
+from bundle.phantoms.render import render_realistic, render_series
 from bundle.rsna_labels import CONDITION_NAMES, CONDITIONS, LEVELS
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
 from pydicom.uid import generate_uid
@@ -89,6 +90,8 @@ class PhantomSeries:
     gain: float
     render_seed: tuple[int, ...]
     levels: tuple[str, ...] = ()  # axial series of the full RSNA layout: the RSNA levels it covers
+    appearance: dict | None = None  # "realistic" profile draws (bundle.phantoms.profiles); None: the easy look
+    bits_stored: int = 16
 
     @property
     def middle(self) -> int:
@@ -146,10 +149,13 @@ class PhantomStudy:
     def pixels(self, series: PhantomSeries) -> np.ndarray:
         """Stored DICOM pixel values, uint16 (S, rows, cols) in spatial order."""
         lateral = None if series.kind == "sag_t2" else self.lateral  # the sagittal T2 stays as before them
-        rng = np.random.default_rng(series.render_seed)
-        signal = render_series(self.spine, series.geometry, series.contrast, rng, lateral)
+        if series.appearance is None:
+            rng = np.random.default_rng(series.render_seed)
+            signal = render_series(self.spine, series.geometry, series.contrast, rng, lateral)
+        else:
+            signal = render_realistic(self.spine, series.geometry, series.contrast, series.appearance, lateral)
         stored = np.rint((signal * series.gain - series.intercept) / series.slope)
-        stored = np.clip(stored, 0, 65535).astype(np.uint16)
+        stored = np.clip(stored, 0, 2**series.bits_stored - 1).astype(np.uint16)
         if series.photometric == "MONOCHROME1":
             stored = stored.max() - stored
         return stored
@@ -385,6 +391,34 @@ def _full_layout(
     return out
 
 
+def _respaced(geom: SeriesGeometry, ps: float, thickness: float, max_size: int) -> SeriesGeometry:
+    """``geom`` with in-plane spacing ``ps`` (mm, raised to keep its field of view within ``max_size`` pixels)."""
+    fov_r, fov_c = geom.rows * geom.pixel_spacing[0], geom.cols * geom.pixel_spacing[1]
+    ps = round(max(ps, fov_r / max_size, fov_c / max_size), 6)
+    rows, cols = max(32, int(round(fov_r / ps))), max(32, int(round(fov_c / ps)))
+    pos = []
+    for k in range(geom.num_slices):
+        c, r, _ = geom.dirs(k)
+        centre = geom.positions[k] + 0.5 * (geom.cols - 1) * geom.pixel_spacing[1] * c
+        centre = centre + 0.5 * (geom.rows - 1) * geom.pixel_spacing[0] * r
+        pos.append(centre - 0.5 * (cols - 1) * ps * c - 0.5 * (rows - 1) * ps * r)
+    return replace(
+        geom, rows=rows, cols=cols, pixel_spacing=(ps, ps), positions=np.round(np.array(pos), 4),
+        slice_thickness=round(float(thickness), 3),
+    )
+
+
+def _with_profile(series: list[PhantomSeries], seed: int, index: int, max_size: int) -> list[PhantomSeries]:
+    """Series with the "realistic" appearance draws, spacing, thickness and bit depth (see ``profiles``)."""
+    out = []
+    for j, ser in enumerate(series):
+        a = sample_appearance("realistic", seed, index, j, ser.contrast)
+        geom = _respaced(ser.geometry, a["pixel_spacing"], a["slice_thickness"], max_size)
+        gain = ser.gain if a["bits"] == 16 else min(ser.gain, 2000.0)
+        out.append(replace(ser, geometry=geom, appearance=a, bits_stored=a["bits"], gain=gain))
+    return out
+
+
 def _empty_cells(rng: np.random.Generator) -> set[tuple[str, str]]:
     """(condition key, level) cells of the lateral conditions left empty (unscored) in train.csv."""
     u = rng.random((len(CONDITIONS) - 1, len(LEVELS)))
@@ -405,6 +439,7 @@ def phantom_study(
     max_size: int = 512,
     class_frequencies: Mapping[str, Sequence[float]] | None = None,
     fov_top: str | None = None,
+    profile: str = "easy",
 ) -> PhantomStudy:
     """Describe study ``index`` of the phantom set ``seed`` (deterministic; renders nothing).
 
@@ -419,6 +454,8 @@ def phantom_study(
         fov_top: None (the default field of view, around T12..S1 and every keypoint) or one of ``FOV_TOPS``:
             the top edge of the sagittal series then lies at that vertebra's cranial endplate (T9..L1) and the
             field of view reaches down past S1; keypoints above the top edge fall outside the image.
+        profile: "easy" (the original look) or "realistic" (randomised appearance, spacing 0.3..1.2 mm,
+            thickness 3..6 mm, 12/16-bit; see ``bundle.phantoms.profiles``). Anatomy and labels do not depend on it.
 
     Example:
         >>> st = phantom_study(0, 0, "rsna", min_size=64, max_size=96)
@@ -472,6 +509,8 @@ def phantom_study(
         lateral = sample_lateral(np.random.default_rng([seed, index, _LATERAL_STREAM]), freqs)
         series = _full_layout((seed, index), series[0], spine, fov_points, top_s, min_size, max_size)
         empty = _empty_cells(np.random.default_rng([seed, index, _EMPTY_STREAM]))
+    if check_profile(profile) == "realistic":
+        series = _with_profile(list(series), seed, index, max_size)
     year, month, day = int(rng.integers(2015, 2024)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
     return PhantomStudy(
         layout=layout,
