@@ -60,7 +60,9 @@ def test_every_parameter_within_its_documented_range_over_200_studies():
         _check_range("bias", np.abs(a["bias"]), (0.0, p.bias[1]))
         assert a["ghost"] == 0 or p.ghost_amp[0] <= a["ghost"] <= p.ghost_amp[1]
         assert a["bits"] in (12, 16)
-        seen_stir.add(a["stir"]), seen_ghost.add(a["ghost"] > 0), seen_12.add(a["bits"])
+        seen_stir.add(a["stir"])
+        seen_ghost.add(a["ghost"] > 0)
+        seen_12.add(a["bits"])
     assert seen_stir == {True, False} and seen_ghost == {True, False} and seen_12 == {12, 16}
     assert {f.name for f in fields(p)} >= {"snr", "pixel_spacing", "slice_thickness"}
 

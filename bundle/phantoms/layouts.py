@@ -110,7 +110,9 @@ def _write_study(study: PhantomStudy, out: Path) -> None:
 
 def _write_study_job(args) -> None:
     seed, index, layout, min_size, max_size, freqs, profile, out = args
-    st = phantom_study(seed, index, layout, min_size=min_size, max_size=max_size, class_frequencies=freqs, profile=profile)
+    st = phantom_study(
+        seed, index, layout, min_size=min_size, max_size=max_size, class_frequencies=freqs, profile=profile
+    )
     _write_study(st, out)
 
 
@@ -186,7 +188,8 @@ def generate_phantoms(
     phantom set of the same layout whose files are all rewritten; nothing is ever deleted. Every file
     is written through a temporary name and ``os.replace``. ``workers > 1`` renders studies in that
     many processes (same bytes). ``profile``: "easy" (the original look) or "realistic" (randomised
-    appearance, see ``bundle.phantoms.profiles``); a folder holding the other profile is refused. Ground truth in patient mm: :func:`bundle.phantoms.phantom_study`.
+    appearance, see ``bundle.phantoms.profiles``); a folder holding the other profile is refused.
+    Ground truth in patient mm: :func:`bundle.phantoms.phantom_study`.
 
     Example:
         >>> import tempfile

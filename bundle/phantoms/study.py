@@ -403,7 +403,11 @@ def _respaced(geom: SeriesGeometry, ps: float, thickness: float, max_size: int) 
         centre = centre + 0.5 * (geom.rows - 1) * geom.pixel_spacing[0] * r
         pos.append(centre - 0.5 * (cols - 1) * ps * c - 0.5 * (rows - 1) * ps * r)
     return replace(
-        geom, rows=rows, cols=cols, pixel_spacing=(ps, ps), positions=np.round(np.array(pos), 4),
+        geom,
+        rows=rows,
+        cols=cols,
+        pixel_spacing=(ps, ps),
+        positions=np.round(np.array(pos), 4),
         slice_thickness=round(float(thickness), 3),
     )
 
