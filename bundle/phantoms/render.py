@@ -306,10 +306,10 @@ def render_series(
     return out
 
 
-def _blur_matrix(n: int, sigma_px: float) -> np.ndarray:
-    """(n, n) float32 Gaussian blur operator (rows normalised; identity for ``sigma_px < 0.3``)."""
+def _blur_matrix(n: int, sigma_px: float) -> np.ndarray | None:
+    """(n, n) float32 Gaussian blur operator (rows normalised); None (no blur) for ``sigma_px < 0.3``."""
     if sigma_px < 0.3:
-        return np.eye(n, dtype=np.float32)
+        return None
     d = np.arange(n)[:, None] - np.arange(n)[None, :]
     k = np.exp(-0.5 * (d / sigma_px) ** 2)
     return (k / k.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -326,20 +326,34 @@ def _tissues(contrast: str, a: dict) -> dict[str, float]:
     return {k: float((val * a["factors"][k]) ** a["gamma"]) for k, val in base.items()}
 
 
+def _noise_operator(n: int, sigma_px: float) -> np.ndarray:
+    """(n, m) float32 operator turning m coarse white-noise samples into n smooth ones (Gaussian, sigma in px).
+
+    Coarse samples lie ``step ~ sigma / 1.5`` pixels apart, so smoothing costs ``n * m`` instead of ``n * n``.
+    """
+    step = max(1, int(sigma_px / 1.5))
+    d = np.arange(n)[:, None] - np.arange(-2 * step, n + 2 * step, step)[None, :]
+    return np.exp(-0.5 * (d / max(sigma_px, 0.5)) ** 2).astype(np.float32)
+
+
 def _field_operators(geom: SeriesGeometry, a: dict) -> tuple[np.ndarray, ...]:
-    """Blur operators of :func:`_fields`: striation (fine across rows, long along columns), then marrow spots."""
+    """Operators of :func:`_fields`: striation (fine across rows, long along columns), then marrow spots."""
     h, w, ps = geom.rows, geom.cols, geom.pixel_spacing[0]
     spot = a["spot_mm"] / ps
-    return _blur_matrix(h, 0.8 / ps), _blur_matrix(w, 4.0 / ps), _blur_matrix(h, spot), _blur_matrix(w, spot)
+    return _noise_operator(h, 0.8 / ps), _noise_operator(w, 4.0 / ps), _noise_operator(h, spot), _noise_operator(w, spot)
+
+
+def _smooth_noise(br: np.ndarray, bc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Smooth Gaussian noise (rows, cols) with zero mean and unit standard deviation."""
+    f = br @ rng.standard_normal((br.shape[1], bc.shape[1]), dtype=np.float32) @ bc.T
+    return (f - f.mean()) / (f.std() + 1e-6)
 
 
 def _fields(ops: tuple[np.ndarray, ...], a: dict, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Soft-tissue texture and marrow heterogeneity fields (rows, cols) of one slice, around 1."""
+    """Soft-tissue texture (relative amplitude ``a["texture"]``) and marrow heterogeneity fields (rows, cols)."""
     br, bc, bs, bt = ops
-    h, w = br.shape[0], bc.shape[0]
-    tex = 1 + a["texture"] * 3 * (br @ rng.standard_normal((h, w), dtype=np.float32) @ bc.T)
-    blob = bs @ rng.standard_normal((h, w), dtype=np.float32) @ bt.T
-    blob /= blob.std() + 1e-6
+    tex = 1 + a["texture"] * _smooth_noise(br, bc, rng)
+    blob = _smooth_noise(bs, bt, rng)
     spots = 1 + a["spots"] * (_clip(blob - 1.5, 0, 1) - 0.5 * _clip(-blob - 2.0, 0, 1))  # fatty foci, dark spots
     return np.maximum(tex, 0.2).astype(np.float32), spots.astype(np.float32)
 
@@ -391,7 +405,10 @@ def render_realistic(
                 sl = slice(r, r + step)
                 vb = dict(v, marrow=v["marrow"] * spots[sl])
                 img[sl] += 0.5 * _slice(spine, s0, tab, x[sl], y[sl], z[sl], vb, edge, tex[sl], ltab)
-        sig = np.maximum(_artefacts(br @ (img * bias) @ bc.T, a), 0)
+        img *= bias
+        img = img if br is None else br @ img
+        img = img if bc is None else img @ bc.T
+        sig = np.maximum(_artefacts(img, a), 0)
         n1 = rng.standard_normal(sig.shape, dtype=np.float32)
         n2 = rng.standard_normal(sig.shape, dtype=np.float32)
         out[k] = _hypot(sig + sigma * n1, sigma * n2)
