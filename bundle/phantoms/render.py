@@ -340,7 +340,12 @@ def _field_operators(geom: SeriesGeometry, a: dict) -> tuple[np.ndarray, ...]:
     """Operators of :func:`_fields`: striation (fine across rows, long along columns), then marrow spots."""
     h, w, ps = geom.rows, geom.cols, geom.pixel_spacing[0]
     spot = a["spot_mm"] / ps
-    return _noise_operator(h, 0.8 / ps), _noise_operator(w, 4.0 / ps), _noise_operator(h, spot), _noise_operator(w, spot)
+    return (
+        _noise_operator(h, 0.8 / ps),
+        _noise_operator(w, 4.0 / ps),
+        _noise_operator(h, spot),
+        _noise_operator(w, spot),
+    )
 
 
 def _smooth_noise(br: np.ndarray, bc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
