@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bundle.decoding import hough_voting, pick_peaks, refine_peak
+from bundle.decoding import hough_voting, pick_peaks, refine_peaks
 from bundle.levels import assign_levels
 from bundle.streams import StreamSpec, parse_streams, split_output, stream_channels
 
@@ -391,11 +391,10 @@ class OCPCCodec:
         for spec in self.streams:
             # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
             logits, offsets, level = (t.float().contiguous() for t in parts[spec.name])
-            if self.upsample != 1:
-                logits, offsets = (
-                    F.interpolate(t, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-                    for t in (logits, offsets)
-                )  # the level map stays on the network grid: it is read at the candidates only
+            if self.upsample != 1:  # one pass over logits and offsets; the level map is read at the candidates only
+                both = torch.cat([logits, offsets], dim=1)
+                both = F.interpolate(both, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+                logits, offsets = both[:, : spec.num_classes], both[:, spec.num_classes :]
             hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
             best, total = hough.amax(dim=1), hough.sum(dim=1)
             for bi in range(batch):
@@ -413,22 +412,26 @@ class OCPCCodec:
         level: torch.Tensor,
         affine,
     ) -> list[dict]:
-        found = []
         c = spec.num_classes
-        for r, col in pick_peaks(best, self.candidates * spec.num_levels + 4, self.nms_kernel):
-            scores = hough[:, r, col].double()
-            s = float(scores.sum())
-            label = int(scores.argmax())
-            tx, ty = refine_peak(total, r, col)
-            xy = target_to_image(torch.tensor([[tx, ty]], dtype=torch.float64), self.target_stride)
+        peaks = pick_peaks(best, self.candidates * spec.num_levels + 4, self.nms_kernel)
+        if not peaks:
+            return []
+        at = torch.tensor(peaks, dtype=torch.int64)
+        scores = hough[:, at[:, 0], at[:, 1]].double().T  # (K, C)
+        xy = target_to_image(torch.from_numpy(refine_peaks(total, peaks)), self.target_stride)  # (K, 2)
+        mm = pixels_to_mm(xy, affine).tolist() if affine is not None else [None] * len(peaks)
+        found = []
+        for (r, col), row, pos, where in zip(peaks, scores, xy.tolist(), mm):
+            s = float(row.sum())
+            label = int(row.argmax())
             found.append(
                 {
                     "label": label,
                     "class_name": spec.classes[label],
-                    "probabilities": (scores / s).tolist() if s > 0 else [1.0 / c] * c,
-                    "score": float(scores[label]),
-                    "xy": [float(v) for v in xy[0]],
-                    "mm": pixels_to_mm(xy, affine)[0].tolist() if affine is not None else None,
+                    "probabilities": (row / s).tolist() if s > 0 else [1.0 / c] * c,
+                    "score": float(row[label]),
+                    "xy": pos,
+                    "mm": where,
                     "level_estimate": self._level_at(level, r, col),
                 }
             )

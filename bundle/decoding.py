@@ -5,6 +5,7 @@ sub-pixel refinement. Nothing here knows about streams, levels or mm; the codec 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ __all__ = [
     "hough_voting",
     "pick_peaks",
     "refine_peak",
+    "refine_peaks",
     "splat_votes",
     "splat_votes_public",
 ]
@@ -106,9 +108,9 @@ REFINE_TOLERANCE = 1e-4
 _REACH = 2  # the estimate stays within this many pixels of the start; the patch spans its window's reach
 
 
-def _cell_overlap(centre: float, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
-    """Overlap (in [0, 1]) of the unit cells ``[lower, upper]`` (pixel -/+ 0.5) with the 3-pixel window
-    ``[centre - 1.5, centre + 1.5]``: 1 inside, fractional at its two edges, 0 outside."""
+def _cell_overlap(centre: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
+    """Overlap (in [0, 1]) of the unit cells ``[lower, upper]`` (P,) (pixel -/+ 0.5) with the 3-pixel windows
+    ``[centre - 1.5, centre + 1.5]``, centres (K, 1) -> (K, P): 1 inside, fractional at its two edges, 0 outside."""
     return np.clip(np.minimum(upper, centre + 1.5) - np.maximum(lower, centre - 1.5), 0.0, 1.0)
 
 
@@ -121,36 +123,58 @@ def refine_peak(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
     :data:`REFINE_STEPS` steps; the estimate stays within 2 pixels of (r, c)). The fixed point does not depend
     on which of near-tied neighbouring pixels the peak picking chose. For one exact bilinear-splatted vote the
     peak is the nearest of its four corners, the first window holds all four and the centroid is the vote
-    position, which is also the fixed point.
+    position, which is also the fixed point. :func:`refine_peaks` does the same for many peaks at once.
 
     Example:
         >>> m = torch.zeros(5, 5); m[1:3, 2:4] = torch.tensor([[0.12, 0.28], [0.18, 0.42]])  # vote at (2.7, 1.6)
         >>> [round(v, 6) for v in refine_peak(m, 2, 3)]
         [2.7, 1.6]
     """
+    x, y = refine_peaks(total, [(r, c)])[0]
+    return float(x), float(y)
+
+
+def _patches(total: torch.Tensor, peaks: Sequence[tuple[int, int]], half: int) -> np.ndarray:
+    """(K, 2 half + 1, 2 half + 1) float64 windows of ``total`` (H, W) centred on each (row, col), zero off
+    the grid and where ``total`` is negative."""
     h, w = total.shape
+    span = torch.arange(-half, half + 1)
+    at = torch.tensor(peaks, dtype=torch.int64).view(-1, 2)
+    rows, cols = at[:, :1] + span, at[:, 1:] + span  # (K, P) each
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+    patch = total[rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    return torch.where(inside, patch.double().clamp_min(0), 0.0).numpy()
+
+
+def refine_peaks(total: torch.Tensor, peaks: Sequence[tuple[int, int]]) -> np.ndarray:
+    """:func:`refine_peak` of every (row, col) in ``peaks`` at once -> (K, 2) float64 sub-pixel (x, y).
+
+    Each peak runs its own steps and stops when it converges (or its window sums to 0), as one call would.
+    """
+    if len(peaks) == 0:
+        return np.zeros((0, 2))
     half = _REACH + 2  # window half-width 1.5 around an estimate at most _REACH from the start
-    patch = np.zeros((2 * half + 1, 2 * half + 1), dtype=np.float64)  # (r, c) at its centre, zero off the grid
-    r0, r1, c0, c1 = max(r - half, 0), min(r + half + 1, h), max(c - half, 0), min(c + half + 1, w)
-    patch[r0 - r + half : r1 - r + half, c0 - c + half : c1 - c + half] = (
-        total[r0:r1, c0:c1].double().clamp_min(0).numpy()
-    )
+    patch = _patches(total, peaks, half)  # (K, P, P)
     offsets = np.arange(-half, half + 1, dtype=np.float64)  # pixel positions relative to (r, c)
     lower, upper = offsets - 0.5, offsets + 0.5
-    dx = dy = 0.0
+    d = np.zeros((len(peaks), 2))  # (dx, dy) per peak
+    active = np.ones(len(peaks), dtype=bool)
     for _ in range(REFINE_STEPS):
-        wx, wy = _cell_overlap(dx, lower, upper), _cell_overlap(dy, lower, upper)
-        cols, rows = wy @ patch * wx, patch @ wx * wy  # window-weighted column and row profiles
-        s = float(cols.sum())
-        if s <= 0:
+        idx = np.flatnonzero(active)
+        if len(idx) == 0:
             break
-        nx = min(max(float(cols @ offsets) / s, -_REACH), _REACH)
-        ny = min(max(float(rows @ offsets) / s, -_REACH), _REACH)
-        step = max(abs(nx - dx), abs(ny - dy))
-        dx, dy = nx, ny
-        if step < REFINE_TOLERANCE:
-            break
-    return c + dx, r + dy
+        wx, wy = _cell_overlap(d[idx, :1], lower, upper), _cell_overlap(d[idx, 1:], lower, upper)
+        cols = np.einsum("kp,kpq->kq", wy, patch[idx]) * wx  # window-weighted column and row profiles
+        rows = np.einsum("kpq,kq->kp", patch[idx], wx) * wy
+        s = cols.sum(axis=1)
+        moving = s > 0
+        safe = np.where(moving, s, 1.0)
+        new = np.clip(np.stack([cols @ offsets, rows @ offsets], axis=1) / safe[:, None], -_REACH, _REACH)
+        step = np.abs(new - d[idx]).max(axis=1)
+        d[idx[moving]] = new[moving]
+        active[idx[~moving | (step < REFINE_TOLERANCE)]] = False
+    at = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
+    return np.stack([at[:, 1] + d[:, 0], at[:, 0] + d[:, 1]], axis=1)
 
 
 def _landing_grid(p: torch.Tensor, off: torch.Tensor) -> torch.Tensor:

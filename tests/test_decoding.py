@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundle.codec import OCPCCodec, pixels_to_mm, target_to_image
-from bundle.decoding import hough_voting, refine_peak, splat_votes, splat_votes_public
+from bundle.decoding import hough_voting, refine_peak, refine_peaks, splat_votes, splat_votes_public
 from bundle.streams import StreamSpec, split_output
 from bundle.transforms import OCPCTargetsd
 from monai.data import MetaTensor
@@ -390,3 +390,40 @@ def test_level_read_at_a_candidate_equals_the_upsampled_map(upsample, shape):
         [[OCPCCodec._level_at(reader, level, r, c) for c in range(big.shape[1])] for r in range(big.shape[0])]
     )
     assert torch.allclose(got, big, atol=1e-5)
+
+
+def _refine_one_by_one(total: torch.Tensor, r: int, c: int) -> tuple[float, float]:
+    """Reference mean shift of one peak, written as plain loops over a zero-padded copy of ``total``."""
+    half = 4
+    padded = np.zeros((total.shape[0] + 2 * half, total.shape[1] + 2 * half))
+    padded[half:-half, half:-half] = total.double().clamp_min(0).numpy()
+    patch = padded[r : r + 2 * half + 1, c : c + 2 * half + 1]
+    offsets = np.arange(-half, half + 1, dtype=np.float64)
+    dx = dy = 0.0
+    for _ in range(16):
+        wx = np.clip(np.minimum(offsets + 0.5, dx + 1.5) - np.maximum(offsets - 0.5, dx - 1.5), 0, 1)
+        wy = np.clip(np.minimum(offsets + 0.5, dy + 1.5) - np.maximum(offsets - 0.5, dy - 1.5), 0, 1)
+        weights = patch * wy[:, None] * wx[None, :]
+        s = weights.sum()
+        if s <= 0:
+            break
+        nx = float(np.clip((weights.sum(0) @ offsets) / s, -2, 2))
+        ny = float(np.clip((weights.sum(1) @ offsets) / s, -2, 2))
+        step = max(abs(nx - dx), abs(ny - dy))
+        dx, dy = nx, ny
+        if step < 1e-4:
+            break
+    return c + dx, r + dy
+
+
+def test_refine_peaks_at_once_equals_one_by_one():
+    g = torch.Generator().manual_seed(3)
+    total = torch.rand(12, 15, generator=g) - 0.3  # negative pixels are clamped to 0
+    total[6:9, 6:9] = 0.0  # a peak with an all-zero window stops at once
+    peaks = [(0, 0), (11, 14), (5, 7), (7, 7), (2, 13), (10, 1)]  # corners and edges: windows leave the grid
+    got = refine_peaks(total, peaks)
+    for (r, c), xy in zip(peaks, got):
+        assert np.allclose(xy, _refine_one_by_one(total, r, c), atol=1e-9)
+        assert np.allclose(refine_peak(total, r, c), xy, atol=1e-12)
+    assert np.allclose(got[3], [7.0, 7.0])  # zero window: stays on its pixel
+    assert refine_peaks(total, []).shape == (0, 2)
