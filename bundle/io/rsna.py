@@ -28,7 +28,10 @@ from bundle.streams import RSNA_STREAMS
 __all__ = [
     "build_rsna_datalist",
     "read_rsna_condition_labels",
-    "read_rsna_series", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
+    "read_rsna_series",
+    "RSNA_CONDITIONS",
+    "RSNA_SEVERITY_CLASSES",
+]
 
 logger = logging.getLogger(__name__)
 

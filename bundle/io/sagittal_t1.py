@@ -1,10 +1,11 @@
 """Sagittal T1 input of the neural foraminal narrowing model: one slab of slices around each side's foramina.
 
 Slab selection is done in patient mm (LPS: +x = patient left). The canal's left-right position is the mean
-x of the study's sagittal T2 spinal canal points (patient mm) when given, else the series' middle plane.
+of the study's sagittal T2 spinal canal points (patient mm) when given, else the middle slice's centre.
 Each side's foramina lie ``foramen_offset_mm`` lateral of it: ``x_left = x_canal + offset``,
-``x_right = x_canal - offset``. The ``num_slices`` slices whose planes are nearest that position (distance
-along the series normal, mm) form the side's slab, ordered by ascending patient x.
+``x_right = x_canal - offset`` (same y, z). The ``num_slices`` slices whose planes are nearest that point
+(distance along the series normal, mm: right for oblique series too) form the side's slab, ordered by
+ascending patient x.
 
 Default offset, 14 mm: the phantoms place the foramen centre ``canal_half_width + 4 * scale`` = 12-18 mm
 (13-14 mm typical) from the midline; in real lumbar spines the foramen lies just lateral to the pedicle's
@@ -46,7 +47,7 @@ __all__ = [
     "DEFAULT_FORAMEN_OFFSET_MM",
     "RSNA_SAGITTAL_T1",
     "SIDES",
-    "canal_x_mm",
+    "canal_centre_mm",
     "foramen_slab_indices",
     "load_foramen_slabs",
     "LoadForamenSlabsd",
@@ -63,28 +64,28 @@ _SIDE_SIGN = {"left": 1.0, "right": -1.0}
 _STREAM_CONDITIONS = dict(zip((s.name for s in RSNA_T1_STREAMS), CONDITIONS[1:3]))
 
 
-def canal_x_mm(series: SortedSeries, canal_mm: Sequence[Sequence[float] | None] | None = None) -> float:
-    """Patient x (mm, LPS) of the spinal canal: mean x of the given canal points, else the middle slice's plane."""
-    points = [p for p in (canal_mm or []) if p is not None]
+def canal_centre_mm(series: SortedSeries, canal_mm: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+    """Patient-mm point (3,) of the spinal canal: mean of the given canal points, else the middle slice's centre."""
+    points = [[float(v) for v in p] for p in (canal_mm or []) if p is not None]
     if points:
-        return float(np.mean([float(p[0]) for p in points]))
+        return np.mean(np.asarray(points, dtype=np.float64), axis=0)
     middle = series.slices[series.middle]
-    return float(middle.position[0])
+    return pixel_to_patient(middle, 0.5 * (middle.cols - 1), 0.5 * (middle.rows - 1))
 
 
 def foramen_slab_indices(
-    series: SortedSeries, side: str, num_slices: int, foramen_offset_mm: float, canal_x: float
+    series: SortedSeries, side: str, num_slices: int, foramen_offset_mm: float, canal_centre: np.ndarray
 ) -> list[int]:
-    """Indices into ``series.slices`` of the ``num_slices`` slices nearest ``side``'s foramen plane.
+    """Indices into ``series.slices`` of the ``num_slices`` slices nearest ``side``'s foramen position.
 
-    The target is the point ``x = canal_x +/- foramen_offset_mm`` (+ for left) on the middle slice; distance is
-    measured along the series normal. Ties go to the lower index; fewer slices than ``num_slices`` repeat the
-    nearest. Returned in ascending patient x.
+    The target is ``canal_centre`` moved ``foramen_offset_mm`` along patient x (+ for left, LPS); the distance of
+    a slice is that of its plane to the target along the series normal. Ties go to the lower index; fewer slices
+    than ``num_slices`` repeat the nearest. Returned in ascending patient x.
     """
     if side not in _SIDE_SIGN:
         raise ValueError(f"side must be one of {SIDES}, got {side!r}")
-    target = series.slices[series.middle].position.astype(np.float64).copy()
-    target[0] = canal_x + _SIDE_SIGN[side] * float(foramen_offset_mm)
+    target = np.asarray(canal_centre, dtype=np.float64).copy()
+    target[0] += _SIDE_SIGN[side] * float(foramen_offset_mm)
     distance = np.abs(series.offsets - float(np.dot(target, series.normal)))
     order = [int(i) for i in np.argsort(distance, kind="stable")]
     picked = order[: int(num_slices)]
@@ -124,8 +125,9 @@ def load_foramen_slabs(
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     files = list_dicom_files(source)
     series = sort_series(read_slice_headers(files))
-    x0 = canal_x_mm(series, canal_mm)
-    picked = [i for side in SIDES for i in foramen_slab_indices(series, side, num_slices, foramen_offset_mm, x0)]
+    centre = canal_centre_mm(series, canal_mm)
+    x0 = float(centre[0])
+    picked = [i for side in SIDES for i in foramen_slab_indices(series, side, num_slices, foramen_offset_mm, centre)]
     headers = [series.slices[i] for i in picked]
     middle = series.slices[series.middle]
     affine = series_affine(middle, series.slice_spacing)
@@ -218,7 +220,10 @@ def _t1_item(
     if not folder.is_dir():
         raise BundleInputError(f"series folder {folder} not found (study {study})")
     spinal = [cells[SPINAL][lv] for lv in LEVELS]
-    canal = [None if c["series_id"] is None else _cell_mm(images, study, c, f"{where}, {lv}", headers) for lv, c in zip(LEVELS, spinal)]
+    canal = [
+        None if c["series_id"] is None else _cell_mm(images, study, c, f"{where}, {lv}", headers)
+        for lv, c in zip(LEVELS, spinal)
+    ]
     keypoints = {}
     for stream, key in _STREAM_CONDITIONS.items():
         row = [cells[key][lv] for lv in LEVELS]
