@@ -17,6 +17,7 @@ from bundle.rsna_labels import SEVERITIES as RSNA_SEVERITIES
 __all__ = [
     "StreamSpec",
     "RSNA_STREAMS",
+    "RSNA_T1_STREAMS",
     "TIANCHI_STREAMS",
     "parse_streams",
     "class_counts",
@@ -53,6 +54,11 @@ class StreamSpec:
 
 
 RSNA_STREAMS: tuple[StreamSpec, ...] = (StreamSpec("disc", RSNA_LEVELS, RSNA_SEVERITIES),)
+#: the sagittal T1 model: neural foraminal narrowing per side (left, right)
+RSNA_T1_STREAMS: tuple[StreamSpec, ...] = (
+    StreamSpec("left_foramen", RSNA_LEVELS, RSNA_SEVERITIES),
+    StreamSpec("right_foramen", RSNA_LEVELS, RSNA_SEVERITIES),
+)
 
 TIANCHI_DISC_LEVELS = ("T12-L1", "L1-L2", "L2-L3", "L3-L4", "L4-L5", "L5-S1")
 TIANCHI_VERTEBRA_LEVELS = ("L1", "L2", "L3", "L4", "L5")

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import BundleInputError
-from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS
+from bundle.streams import RSNA_STREAMS, RSNA_T1_STREAMS, TIANCHI_STREAMS
 
 __all__ = [
     "DATASET_FORMATS",
@@ -24,6 +24,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATASET_FORMATS = ("rsna", "tianchi")
+#: series types with a model of their own (one config each: train.json, then an override per series)
+SERIES = ("sagittal_t2", "sagittal_t1")
 
 
 def _check_format(dataset_format: str) -> str:
@@ -32,9 +34,19 @@ def _check_format(dataset_format: str) -> str:
     return dataset_format
 
 
-def default_streams(dataset_format: str) -> dict[str, dict[str, list[str]]]:
-    """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format."""
+def _check_series(dataset_format: str, series: str) -> str:
+    if series not in SERIES:
+        raise ValueError(f"series must be one of {SERIES}, got {series!r}")
+    if series != "sagittal_t2" and dataset_format != "rsna":
+        raise ValueError(f"series {series!r} needs dataset_format 'rsna', got {dataset_format!r}")
+    return series
+
+
+def default_streams(dataset_format: str, series: str = "sagittal_t2") -> dict[str, dict[str, list[str]]]:
+    """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format and series type."""
     specs = RSNA_STREAMS if _check_format(dataset_format) == "rsna" else TIANCHI_STREAMS
+    if _check_series(dataset_format, series) == "sagittal_t1":
+        specs = RSNA_T1_STREAMS
     return {s.name: {"levels": list(s.levels), "classes": list(s.classes)} for s in specs}
 
 
@@ -126,6 +138,7 @@ def load_datalist(
     tianchi_annotation: str | Sequence[str] = "lumbar_train_annotation.json",
     max_items: int | None = None,
     skip_unusable: bool = False,
+    series: str = "sagittal_t2",
 ) -> list[dict[str, Any]]:
     """Items of one split (``training``, ``validation`` or ``all``) for a data set, built by the readers.
 
@@ -133,7 +146,8 @@ def load_datalist(
     Otherwise the readers scan ``dataset_dir`` (RSNA: the CSVs and ``train_images``; Tianchi: ``tianchi_images``
     and ``tianchi_annotation`` under it, one set or lists of sets, see :func:`tianchi_sets`) and the studies are
     split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps studies that cannot
-    be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping.
+    be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping. ``series``
+    ``"sagittal_t1"`` builds the foraminal model's items (:func:`bundle.io.build_rsna_t1_datalist`).
     """
     if split not in ("training", "validation", "all"):
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}")
@@ -148,7 +162,11 @@ def load_datalist(
         from bundle.io import build_rsna_datalist, build_tianchi_datalist, split_folds
 
         root = Path(dataset_dir)
-        if _check_format(dataset_format) == "rsna":
+        if _check_series(_check_format(dataset_format), series) == "sagittal_t1":
+            from bundle.io import build_rsna_t1_datalist
+
+            all_items = build_rsna_t1_datalist(root, keep_unusable=skip_unusable)
+        elif dataset_format == "rsna":
             all_items = build_rsna_datalist(root, keep_unusable=skip_unusable)
         else:
             all_items = [

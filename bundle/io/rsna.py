@@ -25,7 +25,13 @@ from bundle.rsna_labels import SEVERITIES, snake
 from bundle.skipping import skipped_item
 from bundle.streams import RSNA_STREAMS
 
-__all__ = ["build_rsna_datalist", "read_rsna_condition_labels", "RSNA_CONDITIONS", "RSNA_SEVERITY_CLASSES"]
+__all__ = [
+    "build_rsna_datalist",
+    "read_rsna_condition_labels",
+    "read_rsna_series",
+    "RSNA_CONDITIONS",
+    "RSNA_SEVERITY_CLASSES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +111,11 @@ def _read_points(path: Path, conditions: tuple[str, ...] = (_SPINAL,)) -> dict[s
             point["where"] = where
             points.setdefault(row["study_id"], []).append(point)
     return points
+
+
+def read_rsna_series(path: str | os.PathLike) -> dict[str, list[tuple[str, str]]]:
+    """``{study_id: [(series_id, series_description)]}`` of a ``*_series_descriptions.csv``, in file order."""
+    return _read_series(Path(path))
 
 
 def _sagittal_t2(series: list[tuple[str, str]]) -> list[str]:

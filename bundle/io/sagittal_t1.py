@@ -1,0 +1,275 @@
+"""Sagittal T1 input of the neural foraminal narrowing model: one slab of slices around each side's foramina.
+
+Slab selection is done in patient mm (LPS: +x = patient left). The canal's left-right position is the mean
+of the study's sagittal T2 spinal canal points (patient mm) when given, else the middle slice's centre.
+Each side's foramina lie ``foramen_offset_mm`` lateral of it: ``x_left = x_canal + offset``,
+``x_right = x_canal - offset`` (same y, z). The ``num_slices`` slices whose planes are nearest that point
+(distance along the series normal, mm: right for oblique series too) form the side's slab, ordered by
+ascending patient x.
+
+Default offset, 14 mm: the phantoms place the foramen centre ``canal_half_width + 4 * scale`` = 12-18 mm
+(13-14 mm typical) from the midline; in real lumbar spines the foramen lies just lateral to the pedicle's
+medial wall, about 15-20 mm from the midline (interpedicular distance 20-30 mm). A 3-slice slab at the usual
+3.5-5 mm T1 spacing covers +/- 4-6 mm around it, so the default suits both.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from bundle.errors import BundleInputError
+from bundle.io.dicom_series import (
+    SliceHeader,
+    SortedSeries,
+    list_dicom_files,
+    pixel_to_patient,
+    read_slice_headers,
+    series_affine,
+    slice_header,
+    sort_series,
+)
+from bundle.io.pixels import read_dicom_pixels, read_header
+from bundle.io.rsna import read_rsna_condition_labels, read_rsna_series
+from bundle.rsna_labels import CONDITIONS, LEVELS, SPINAL
+from bundle.skipping import skipped_item
+from bundle.streams import RSNA_T1_STREAMS
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import MapTransform
+from monai.utils import SpaceKeys
+
+__all__ = [
+    "DEFAULT_FORAMEN_OFFSET_MM",
+    "RSNA_SAGITTAL_T1",
+    "SIDES",
+    "canal_centre_mm",
+    "foramen_slab_indices",
+    "load_foramen_slabs",
+    "LoadForamenSlabsd",
+    "build_rsna_t1_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_FORAMEN_OFFSET_MM = 14.0
+RSNA_SAGITTAL_T1 = "Sagittal T1"
+SIDES = ("left", "right")  # channel order of the slabs; LPS sign of the lateral offset: +1, -1
+_SIDE_SIGN = {"left": 1.0, "right": -1.0}
+#: condition key per stream (RSNA_T1_STREAMS order)
+_STREAM_CONDITIONS = dict(zip((s.name for s in RSNA_T1_STREAMS), CONDITIONS[1:3]))
+
+
+def canal_centre_mm(series: SortedSeries, canal_mm: Sequence[Sequence[float] | None] | None = None) -> np.ndarray:
+    """Patient-mm point (3,) of the spinal canal: mean of the given canal points, else the middle slice's centre."""
+    points = [[float(v) for v in p] for p in (canal_mm or []) if p is not None]
+    if points:
+        return np.mean(np.asarray(points, dtype=np.float64), axis=0)
+    middle = series.slices[series.middle]
+    return pixel_to_patient(middle, 0.5 * (middle.cols - 1), 0.5 * (middle.rows - 1))
+
+
+def foramen_slab_indices(
+    series: SortedSeries, side: str, num_slices: int, foramen_offset_mm: float, canal_centre: np.ndarray
+) -> list[int]:
+    """Indices into ``series.slices`` of the ``num_slices`` slices nearest ``side``'s foramen position.
+
+    The target is ``canal_centre`` moved ``foramen_offset_mm`` along patient x (+ for left, LPS); the distance of
+    a slice is that of its plane to the target along the series normal. Ties go to the lower index; fewer slices
+    than ``num_slices`` repeat the nearest. Returned in ascending patient x.
+    """
+    if side not in _SIDE_SIGN:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+    target = np.asarray(canal_centre, dtype=np.float64).copy()
+    target[0] += _SIDE_SIGN[side] * float(foramen_offset_mm)
+    distance = np.abs(series.offsets - float(np.dot(target, series.normal)))
+    order = [int(i) for i in np.argsort(distance, kind="stable")]
+    picked = order[: int(num_slices)]
+    picked += [order[0]] * (int(num_slices) - len(picked))
+    return sorted(picked, key=lambda i: (float(series.slices[i].position[0]), i))
+
+
+def _decode(headers: Sequence[SliceHeader]) -> np.ndarray:
+    decoded: dict[Path, np.ndarray] = {}
+    for h in headers:
+        if h.path not in decoded:
+            pixels = read_dicom_pixels(h.path)
+            if pixels.shape != h.shape:
+                raise BundleInputError(f"{h.path}: decoded pixels have shape {pixels.shape}, the header says {h.shape}")
+            decoded[h.path] = pixels
+    return np.stack([decoded[h.path] for h in headers]).astype(np.float32)
+
+
+def load_foramen_slabs(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    num_slices: int = 3,
+    foramen_offset_mm: float = DEFAULT_FORAMEN_OFFSET_MM,
+    canal_mm: Sequence[Sequence[float] | None] | None = None,
+    *,
+    study_id: str | None = None,
+    series_id: str | None = None,
+) -> MetaTensor:
+    """Read a Sagittal T1 series and return its left and right foramen slabs.
+
+    Returns:
+        float32 MetaTensor (2 * num_slices, rows, cols): the left slab's channels, then the right's, with the
+        4x4 LPS ``affine`` of the series' middle slice (:func:`series_affine`, as the spinal loader gives), so
+        patient-mm foramen points project onto the image plane. Meta: ``instance_numbers`` per channel,
+        ``slab_sides``, ``canal_x_mm``, ``foramen_x_mm`` {side: mm}, ``study_id``/``series_id`` when given.
+    """
+    if int(num_slices) < 1:
+        raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+    files = list_dicom_files(source)
+    series = sort_series(read_slice_headers(files))
+    centre = canal_centre_mm(series, canal_mm)
+    x0 = float(centre[0])
+    picked = [i for side in SIDES for i in foramen_slab_indices(series, side, num_slices, foramen_offset_mm, centre)]
+    headers = [series.slices[i] for i in picked]
+    middle = series.slices[series.middle]
+    affine = series_affine(middle, series.slice_spacing)
+    meta = {
+        "filename_or_obj": os.fspath(source) if isinstance(source, (str, os.PathLike)) else os.fspath(files[0]),
+        "series_instance_uid": middle.series_uid,
+        "instance_numbers": [h.instance_number for h in headers],
+        "slab_sides": [side for side in SIDES for _ in range(int(num_slices))],
+        "canal_x_mm": x0,
+        "foramen_x_mm": {side: x0 + _SIDE_SIGN[side] * float(foramen_offset_mm) for side in SIDES},
+        "middle_instance_number": middle.instance_number,
+        "middle_filename": os.fspath(middle.path),
+        "series_num_slices": len(series.slices),
+        "pixel_spacing": np.array(middle.pixel_spacing, dtype=np.float64),
+        "slice_spacing": float(series.slice_spacing),
+        "spatial_shape": np.array(middle.shape, dtype=np.int64),
+        "original_affine": affine.copy(),
+        "original_channel_dim": 0,
+        "space": SpaceKeys.LPS.value,
+    }
+    if study_id is not None:
+        meta["study_id"] = str(study_id)
+    if series_id is not None:
+        meta["series_id"] = str(series_id)
+    volume = torch.from_numpy(_decode(headers))
+    return MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+
+
+class LoadForamenSlabsd(MapTransform):
+    """Dictionary wrapper of :func:`load_foramen_slabs`: ``data[key]`` (T1 series folder) -> MetaTensor.
+
+    ``data[canal_key]`` (five ``[x, y, z]`` mm points or None, or absent) locates the canal; it is removed from
+    the item (a list with None entries would not collate). ``study_id``/``series_id`` go into the metadata.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        num_slices: int = 3,
+        foramen_offset_mm: float = DEFAULT_FORAMEN_OFFSET_MM,
+        canal_key: str = "canal_mm",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if int(num_slices) < 1:
+            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
+        self.num_slices = int(num_slices)
+        self.foramen_offset_mm = float(foramen_offset_mm)
+        self.canal_key = canal_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        canal = d.pop(self.canal_key, None)
+        study_id, series_id = d.get("study_id"), d.get("series_id")
+        for key in self.key_iterator(d):
+            d[key] = load_foramen_slabs(
+                d[key],  # type: ignore[arg-type]
+                self.num_slices,
+                self.foramen_offset_mm,
+                canal,  # type: ignore[arg-type]
+                study_id=None if study_id is None else str(study_id),
+                series_id=None if series_id is None else str(series_id),
+            )
+        return d
+
+
+def _cell_mm(images: Path, study: str, cell: Mapping, what: str, headers: dict[Path, SliceHeader]) -> list[float]:
+    """Patient mm [x, y, z] of one labelled point (pixels of its instance); ``what`` names the CSV row."""
+    path = images / study / str(cell["series_id"]) / f"{cell['instance_number']}.dcm"
+    if path not in headers:
+        if not path.is_file():
+            raise BundleInputError(f"{what}: referenced instance file {path} not found")
+        headers[path] = slice_header(read_header(path), path)
+    h = headers[path]
+    if not (0 <= cell["x"] < h.cols and 0 <= cell["y"] < h.rows):
+        raise BundleInputError(
+            f"{what}: point (x={cell['x']}, y={cell['y']}) lies outside the referenced instance {path} "
+            f"of {h.cols} columns x {h.rows} rows"
+        )
+    return [float(v) for v in pixel_to_patient(h, cell["x"], cell["y"])]
+
+
+def _t1_item(
+    study: str, cells: Mapping, t1: list[str], images: Path, where: str, headers: dict[Path, SliceHeader]
+) -> dict:
+    """One study's item: the T1 series carrying most foraminal points, canal and foramen points in mm."""
+    foraminal = [c for key in _STREAM_CONDITIONS.values() for c in cells[key].values()]
+    chosen = max(t1, key=lambda sid: sum(c["series_id"] == sid for c in foraminal))  # first one on ties
+    folder = images / study / chosen
+    if not folder.is_dir():
+        raise BundleInputError(f"series folder {folder} not found (study {study})")
+    spinal = [cells[SPINAL][lv] for lv in LEVELS]
+    canal = [
+        None if c["series_id"] is None else _cell_mm(images, study, c, f"{where}, {lv}", headers)
+        for lv, c in zip(LEVELS, spinal)
+    ]
+    keypoints = {}
+    for stream, key in _STREAM_CONDITIONS.items():
+        row = [cells[key][lv] for lv in LEVELS]
+        mm = [
+            None if c["series_id"] is None else _cell_mm(images, study, c, f"{where}, {key} {lv}", headers)
+            for lv, c in zip(LEVELS, row)
+        ]
+        keypoints[stream] = {"mm": mm, "label": [int(c["severity"]) for c in row]}
+    canal_mm = canal if any(p is not None for p in canal) else None
+    return {"image": str(folder), "study_id": study, "series_id": chosen, "canal_mm": canal_mm, "keypoints": keypoints}
+
+
+def build_rsna_t1_datalist(
+    root: str | os.PathLike, *, image_dir: str | None = None, keep_unusable: bool = False
+) -> list[dict]:
+    """Training items of the sagittal T1 (neural foraminal narrowing) model from an RSNA data folder.
+
+    Returns:
+        one item per train.csv study with a Sagittal T1 series: ``{"image": series folder, "study_id",
+        "series_id", "canal_mm": [[x, y, z] | None] * 5 (sagittal T2 spinal points, mm) | None, "keypoints":
+        {"left_foramen" | "right_foramen": {"mm": [[x, y, z] | None] * 5, "label": [0|1|2|-1] * 5}}}``.
+        With two T1 series, the one carrying the most foraminal points. A study without T1 is skipped with a
+        warning, or with ``keep_unusable`` becomes a :func:`bundle.skipping.skipped_item` with the reason.
+
+    Raises:
+        BundleInputError: naming the file and row (or study, condition and level) of a bad row or point.
+    """
+    root = Path(root).resolve()
+    images = root / (image_dir or "train_images")
+    series_csv, points_csv = root / "train_series_descriptions.csv", root / "train_label_coordinates.csv"
+    series = read_rsna_series(series_csv)
+    labels = read_rsna_condition_labels(root)
+    headers: dict[Path, SliceHeader] = {}
+    items = []
+    for study, cells in labels.items():
+        t1 = [sid for sid, desc in series.get(study, []) if desc.lower() == RSNA_SAGITTAL_T1.lower()]
+        if t1:
+            items.append(_t1_item(study, cells, t1, images, f"{points_csv}, study {study}", headers))
+            continue
+        reason = f"no {RSNA_SAGITTAL_T1} series in {series_csv}"
+        if keep_unusable:
+            unlocated = {
+                stream: {"mm": [None] * len(LEVELS), "label": [int(cells[key][lv]["severity"]) for lv in LEVELS]}
+                for stream, key in _STREAM_CONDITIONS.items()
+            }
+            items.append(skipped_item(study, reason, keypoints=unlocated))
+        else:
+            logger.warning("study %s: %s, skipped", study, reason)
+    return items
