@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import BundleInputError
-from bundle.streams import RSNA_STREAMS, TIANCHI_STREAMS
+from bundle.streams import RSNA_AXIAL_STREAMS, RSNA_STREAMS, TIANCHI_STREAMS
 
 __all__ = [
     "DATASET_FORMATS",
+    "SERIES",
     "default_streams",
     "prepare_dataset",
     "tianchi_sets",
@@ -24,6 +25,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATASET_FORMATS = ("rsna", "tianchi")
+#: the model a config trains: the sagittal T2 spinal model (default) or the axial T2 subarticular model (RSNA)
+SERIES = ("sagittal_t2", "axial_t2")
 
 
 def _check_format(dataset_format: str) -> str:
@@ -32,9 +35,19 @@ def _check_format(dataset_format: str) -> str:
     return dataset_format
 
 
-def default_streams(dataset_format: str) -> dict[str, dict[str, list[str]]]:
-    """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format."""
+def _check_series(dataset_format: str, series: str) -> str:
+    if series not in SERIES:
+        raise ValueError(f"series must be one of {SERIES}, got {series!r}")
+    if series != "sagittal_t2" and dataset_format != "rsna":
+        raise ValueError(f"series {series!r} exists only for dataset_format 'rsna', got {dataset_format!r}")
+    return series
+
+
+def default_streams(dataset_format: str, series: str = "sagittal_t2") -> dict[str, dict[str, list[str]]]:
+    """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format and series."""
     specs = RSNA_STREAMS if _check_format(dataset_format) == "rsna" else TIANCHI_STREAMS
+    if _check_series(dataset_format, series) == "axial_t2":
+        specs = RSNA_AXIAL_STREAMS
     return {s.name: {"levels": list(s.levels), "classes": list(s.classes)} for s in specs}
 
 
@@ -111,6 +124,7 @@ def load_datalist(
     tianchi_annotation: str | Sequence[str] = "lumbar_train_annotation.json",
     max_items: int | None = None,
     skip_unusable: bool = False,
+    series: str = "sagittal_t2",
 ) -> list[dict[str, Any]]:
     """Items of one split (``training``, ``validation`` or ``all``) for a data set, built by the readers.
 
@@ -118,7 +132,8 @@ def load_datalist(
     Otherwise the readers scan ``dataset_dir`` (RSNA: the CSVs and ``train_images``; Tianchi: ``tianchi_images``
     and ``tianchi_annotation`` under it, one set or lists of sets, see :func:`tianchi_sets`) and the studies are
     split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps studies that cannot
-    be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping.
+    be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping. ``series``
+    ``"axial_t2"`` (RSNA): one item per (study, level) from :func:`bundle.io.axial.build_rsna_axial_datalist`.
     """
     if split not in ("training", "validation", "all"):
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}")
@@ -133,7 +148,11 @@ def load_datalist(
         from bundle.io import build_rsna_datalist, build_tianchi_datalist, split_folds
 
         root = Path(dataset_dir)
-        if _check_format(dataset_format) == "rsna":
+        if _check_series(_check_format(dataset_format), series) == "axial_t2":
+            from bundle.io.axial import build_rsna_axial_datalist
+
+            all_items = build_rsna_axial_datalist(root, keep_unusable=skip_unusable)
+        elif dataset_format == "rsna":
             all_items = build_rsna_datalist(root, keep_unusable=skip_unusable)
         else:
             all_items = [
