@@ -75,7 +75,8 @@ def nearest_axial_slices(
     Distance is taken along each slice's own normal, so tilted per-level blocks are handled; only slices on
     which the point projects inside the image count. Neighbours are the slices of the same stack parallel to
     the nearest one, sorted by position along its normal (never by InstanceNumber), centred on it and
-    edge-repeated when the block is short. Returns None when no slice covers the point.
+    edge-repeated when the block is short. Returns None when no slice covers the point (none projects it inside
+    its image, or the nearest plane lies farther than one slice gap / thickness from it).
     """
     if int(num_slices) < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
@@ -100,6 +101,9 @@ def nearest_axial_slices(
     picked = [block[min(max(k - half + i, 0), len(block) - 1)] for i in range(int(num_slices))]
     gaps = np.diff(offsets)
     spacing = float(np.median(gaps)) if gaps.size and np.median(gaps) > 1e-6 else 1.0
+    slab = max(spacing, centre.slice_thickness or 0.0, centre.spacing_between_slices or 0.0)
+    if abs(_in_plane(centre, point)[2]) > slab:  # beyond the stack's ends: no slice shows the point
+        return None
     return AxialSlices(s, centre, picked, _in_plane(centre, point)[2], spacing)
 
 
