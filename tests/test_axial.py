@@ -16,7 +16,7 @@ from bundle.codec import pixels_to_mm_np
 from bundle.errors import BundleInputError
 from bundle.io.axial import (
     LoadAxialSlicesd,
-    _read_stacks,
+    read_axial_stacks,
     build_rsna_axial_datalist,
     load_axial_slices,
     nearest_axial_slices,
@@ -33,7 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    return generate_phantoms(tmp_path_factory.mktemp("ax") / "rsna", "rsna", studies=4, seed=3, min_size=64, max_size=96)
+    return generate_phantoms(
+        tmp_path_factory.mktemp("ax") / "rsna", "rsna", studies=4, seed=3, min_size=64, max_size=96
+    )
 
 
 def _subarticular_rows(root: Path) -> list[dict]:
@@ -47,7 +49,7 @@ def test_nearest_slice_is_the_labelled_instance(phantoms):
     assert rows and items
     checked = 0
     for it in items:
-        choice = nearest_axial_slices(_read_stacks(it["image"]), it["disc_mm"], 3)
+        choice = nearest_axial_slices(read_axial_stacks(it["image"]), it["disc_mm"], 3)
         for r in rows:
             if r["study_id"] == it["study_id"] and r["level"] == it["level"]:
                 assert r["series_id"] == it["series_id"] == choice.centre.path.parent.name
@@ -60,7 +62,7 @@ def test_nearest_slice_is_the_labelled_instance(phantoms):
 def test_blocks_stacks_and_reversed_instances_are_sorted_by_position(phantoms):
     seen_blocks = False
     for it in build_rsna_axial_datalist(phantoms):
-        stacks = _read_stacks(it["image"])
+        stacks = read_axial_stacks(it["image"])
         choice = nearest_axial_slices(stacks, it["disc_mm"], 3)
         normal = choice.centre.normal
         offsets = [float(h.position @ normal) for h in choice.slices]
@@ -75,9 +77,9 @@ def test_blocks_stacks_and_reversed_instances_are_sorted_by_position(phantoms):
 def test_point_outside_every_stack_gives_none(phantoms):
     it = build_rsna_axial_datalist(phantoms)[0]
     far = np.asarray(it["disc_mm"]) + np.array([0.0, 0.0, 500.0])
-    assert nearest_axial_slices(_read_stacks(it["image"]), far, 3) is None
+    assert nearest_axial_slices(read_axial_stacks(it["image"]), far, 3) is None
     aside = np.asarray(it["disc_mm"]) + np.array([500.0, 0.0, 0.0])  # on the plane, outside the image
-    assert nearest_axial_slices(_read_stacks(it["image"]), aside, 3) is None
+    assert nearest_axial_slices(read_axial_stacks(it["image"]), aside, 3) is None
     with pytest.raises(BundleInputError, match="covers the point"):
         load_axial_slices(it["image"], far, 3)
 

@@ -16,8 +16,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import SliceHeader, list_dicom_files, pixel_to_patient, read_slice_headers
-from bundle.io.dicom_series import series_affine, slice_header
+from bundle.io.dicom_series import (
+    SliceHeader,
+    list_dicom_files,
+    pixel_to_patient,
+    read_slice_headers,
+    series_affine,
+    slice_header,
+)
 from bundle.io.pixels import read_dicom_pixels, read_header
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 from bundle.rsna_labels import SPINAL
@@ -31,6 +37,7 @@ from monai.utils import SpaceKeys
 __all__ = [
     "RSNA_AXIAL_T2",
     "AxialSlices",
+    "read_axial_stacks",
     "nearest_axial_slices",
     "load_axial_slices",
     "LoadAxialSlicesd",
@@ -107,7 +114,8 @@ def nearest_axial_slices(
     return AxialSlices(s, centre, picked, _in_plane(centre, point)[2], spacing)
 
 
-def _read_stacks(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[SliceHeader]]:
+def read_axial_stacks(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[SliceHeader]]:
+    """Slice headers (no pixels) of each axial series folder, one list per folder, in file order."""
     if isinstance(folders, (str, os.PathLike)):
         folders = [folders]
     if not folders:
@@ -135,7 +143,7 @@ def load_axial_slices(
         BundleInputError: unreadable series, mixed image shapes within the chosen block, or no slice covering
             ``disc_mm`` (the message names the folders and the point).
     """
-    stacks = _read_stacks(folders)
+    stacks = read_axial_stacks(folders)
     choice = nearest_axial_slices(stacks, disc_mm, num_slices)
     if choice is None:
         raise BundleInputError(f"no axial slice of {[os.fspath(f) for f in folders]} covers the point {disc_mm} mm")
@@ -269,7 +277,7 @@ def build_rsna_axial_datalist(root: str | os.PathLike, *, keep_unusable: bool = 
         try:
             if not axials:
                 raise BundleInputError(f"no {RSNA_AXIAL_T2} series listed in {root / 'train_series_descriptions.csv'}")
-            stacks = _read_stacks([folder / sid for sid in axials])
+            stacks = read_axial_stacks([folder / sid for sid in axials])
         except BundleInputError as err:  # the study is unusable; a bad label row below is an error
             if keep_unusable:
                 items.append(skipped_item(study, str(err)))
