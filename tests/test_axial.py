@@ -16,10 +16,10 @@ from bundle.codec import pixels_to_mm_np
 from bundle.errors import BundleInputError
 from bundle.io.axial import (
     LoadAxialSlicesd,
-    read_axial_stacks,
     build_rsna_axial_datalist,
     load_axial_slices,
     nearest_axial_slices,
+    read_axial_stacks,
 )
 from bundle.io.dicom_series import pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
