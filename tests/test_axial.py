@@ -164,3 +164,10 @@ def test_tiny_axial_training_writes_a_checkpoint(phantoms, tmp_path):
     saved = torch.load(tmp_path / "models" / "axial_t2" / "checkpoint.pt", weights_only=True)
     assert {"model", "optimizer", "lr_scheduler"} <= set(saved)
     assert not (tmp_path / "models" / "checkpoint.pt").exists()  # the sagittal model's folder is untouched
+
+
+def test_single_level_assignment_keeps_the_best_candidate():
+    from bundle.levels import assign_levels
+
+    out = assign_levels(np.array([[0.0, 0.0], [0.0, 10.0], [0.0, 50.0]]), np.array([0.5, 2.0, 0.3]), 1, 35.0)
+    assert out.level.tolist() == [-1, 0, -1]  # one level per axial item: the strongest candidate takes it
