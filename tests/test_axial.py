@@ -81,7 +81,7 @@ def test_point_outside_every_stack_gives_none(phantoms):
     aside = np.asarray(it["disc_mm"]) + np.array([500.0, 0.0, 0.0])  # on the plane, outside the image
     assert nearest_axial_slices(read_axial_stacks(it["image"]), aside, 3) is None
     with pytest.raises(BundleInputError, match="covers the point"):
-        load_axial_slices(it["image"], far, 3)
+        load_axial_slices(it["image"][0], far, 3)  # one folder as a plain path
 
 
 def test_datalist_points_round_trip_to_labelled_pixels(phantoms):

@@ -146,7 +146,8 @@ def load_axial_slices(
     stacks = read_axial_stacks(folders)
     choice = nearest_axial_slices(stacks, disc_mm, num_slices)
     if choice is None:
-        raise BundleInputError(f"no axial slice of {[os.fspath(f) for f in folders]} covers the point {disc_mm} mm")
+        names = [os.fspath(f) for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
+        raise BundleInputError(f"no axial slice of {names} covers the point {list(disc_mm)} mm")
     pixels = []
     for h in choice.slices:
         p = read_dicom_pixels(h.path)
