@@ -19,6 +19,8 @@ __all__ = [
     "RSNA_STREAMS",
     "RSNA_T1_STREAMS",
     "TIANCHI_STREAMS",
+    "RSNA_AXIAL_STREAMS",
+    "AXIAL_LEVEL",
     "parse_streams",
     "class_counts",
     "stream_channels",
@@ -136,3 +138,10 @@ def split_output(
         parts[name] = (logits, offsets, output[:, start + 3 * c : start + 3 * c + 1])
         start += 3 * c + 1
     return parts
+
+
+#: the one level of an axial item: the disc its slices were chosen for (the item's ``level`` names it)
+AXIAL_LEVEL = "disc"
+RSNA_AXIAL_STREAMS: tuple[StreamSpec, ...] = tuple(
+    StreamSpec(f"{side}_subarticular", (AXIAL_LEVEL,), RSNA_SEVERITIES) for side in ("left", "right")
+)

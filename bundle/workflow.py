@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from bundle.errors import BundleInputError
-from bundle.streams import RSNA_STREAMS, RSNA_T1_STREAMS, TIANCHI_STREAMS
+from bundle.streams import RSNA_AXIAL_STREAMS, RSNA_STREAMS, RSNA_T1_STREAMS, TIANCHI_STREAMS
 
 __all__ = [
     "DATASET_FORMATS",
+    "SERIES",
     "default_streams",
     "prepare_dataset",
     "tianchi_sets",
@@ -24,8 +25,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DATASET_FORMATS = ("rsna", "tianchi")
-#: series types with a model of their own (one config each: train.json, then an override per series)
-SERIES = ("sagittal_t2", "sagittal_t1")
+#: series types with a model of their own (one config each: train.json, then an override per series); the
+#: sagittal T1 and axial T2 models exist for the RSNA format only
+SERIES = ("sagittal_t2", "sagittal_t1", "axial_t2")
+_SERIES_STREAMS = {"sagittal_t1": RSNA_T1_STREAMS, "axial_t2": RSNA_AXIAL_STREAMS}
 
 
 def _check_format(dataset_format: str) -> str:
@@ -45,8 +48,7 @@ def _check_series(dataset_format: str, series: str) -> str:
 def default_streams(dataset_format: str, series: str = "sagittal_t2") -> dict[str, dict[str, list[str]]]:
     """The config mapping ``{stream: {"levels": [...], "classes": [...]}}`` of a data-set format and series type."""
     specs = RSNA_STREAMS if _check_format(dataset_format) == "rsna" else TIANCHI_STREAMS
-    if _check_series(dataset_format, series) == "sagittal_t1":
-        specs = RSNA_T1_STREAMS
+    specs = _SERIES_STREAMS.get(_check_series(dataset_format, series), specs)
     return {s.name: {"levels": list(s.levels), "classes": list(s.classes)} for s in specs}
 
 
@@ -147,7 +149,8 @@ def load_datalist(
     and ``tianchi_annotation`` under it, one set or lists of sets, see :func:`tianchi_sets`) and the studies are
     split into ``folds`` by study, ``fold`` held out. ``skip_unusable`` (evaluation) keeps studies that cannot
     be used as skipped items (see ``bundle.skipping``) instead of dropping them or stopping. ``series``
-    ``"sagittal_t1"`` builds the foraminal model's items (:func:`bundle.io.build_rsna_t1_datalist`).
+    ``"sagittal_t1"`` builds the foraminal model's items (:func:`bundle.io.build_rsna_t1_datalist`), ``"axial_t2"``
+    one item per (study, level) (:func:`bundle.io.axial.build_rsna_axial_datalist`).
     """
     if split not in ("training", "validation", "all"):
         raise ValueError(f"split must be 'training', 'validation' or 'all', got {split!r}")
@@ -162,10 +165,15 @@ def load_datalist(
         from bundle.io import build_rsna_datalist, build_tianchi_datalist, split_folds
 
         root = Path(dataset_dir)
-        if _check_series(_check_format(dataset_format), series) == "sagittal_t1":
+        chosen = _check_series(_check_format(dataset_format), series)
+        if chosen == "sagittal_t1":
             from bundle.io import build_rsna_t1_datalist
 
             all_items = build_rsna_t1_datalist(root, keep_unusable=skip_unusable)
+        elif chosen == "axial_t2":
+            from bundle.io.axial import build_rsna_axial_datalist
+
+            all_items = build_rsna_axial_datalist(root, keep_unusable=skip_unusable)
         elif dataset_format == "rsna":
             all_items = build_rsna_datalist(root, keep_unusable=skip_unusable)
         else:
