@@ -14,25 +14,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import (
-    SliceHeader,
-    list_dicom_files,
-    pixel_to_patient,
-    read_slice_headers,
-    series_affine,
-    slice_header,
-)
-from bundle.io.pixels import read_dicom_pixels, read_header
+from bundle.io.dicom_series import SliceHeader, list_dicom_files, read_slice_headers
+from bundle.io.rsna import instance_point_mm, read_rsna_condition_labels, read_rsna_series
+from bundle.io.slices import SliceLoaderd, slices_tensor
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 from bundle.rsna_labels import SPINAL
 from bundle.skipping import skipped_item
 from bundle.streams import RSNA_AXIAL_STREAMS
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
-from monai.utils import SpaceKeys
 
 __all__ = [
     "RSNA_AXIAL_T2",
@@ -148,48 +139,27 @@ def load_axial_slices(
     if choice is None:
         names = [os.fspath(f) for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
         raise BundleInputError(f"no axial slice of {names} covers the point {list(disc_mm)} mm")
-    pixels = []
-    for h in choice.slices:
-        p = read_dicom_pixels(h.path)
-        if p.shape != choice.centre.shape:
-            raise BundleInputError(f"{h.path}: pixels of shape {p.shape}, the nearest slice has {choice.centre.shape}")
-        pixels.append(p)
-    affine = series_affine(choice.centre, choice.slice_spacing)
     c = choice.centre
-    meta = {
-        "filename_or_obj": os.fspath(c.path.parent),
-        "series_id": c.path.parent.name,
-        "series_instance_uid": c.series_uid,
-        "instance_numbers": [h.instance_number for h in choice.slices],
-        "middle_instance_number": c.instance_number,
-        "middle_filename": os.fspath(c.path),
-        "distance_mm": float(choice.distance_mm),
-        "pixel_spacing": np.array(c.pixel_spacing, dtype=np.float64),
-        "slice_spacing": float(choice.slice_spacing),
-        "spatial_shape": np.array(c.shape, dtype=np.int64),
-        "original_affine": affine.copy(),
-        "original_channel_dim": 0,
-        "space": SpaceKeys.LPS.value,
-    }
-    if level is not None:
-        meta["level"] = str(level)
-    if study_id is not None:
-        meta["study_id"] = str(study_id)
-    volume = torch.from_numpy(np.stack(pixels).astype(np.float32))
-    return MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+    return slices_tensor(
+        choice.slices,
+        c,
+        choice.slice_spacing,
+        c.path.parent,
+        series_id=c.path.parent.name,
+        distance_mm=float(choice.distance_mm),
+        level=None if level is None else str(level),
+        study_id=None if study_id is None else str(study_id),
+    )
 
 
-class LoadAxialSlicesd(MapTransform):
+class LoadAxialSlicesd(SliceLoaderd):
     """``data[key]`` (axial series folder or folders) -> :func:`load_axial_slices` around ``data["disc_mm"]``.
 
     ``data["level"]`` and ``data["study_id"]``, when present, go into the metadata.
     """
 
     def __init__(self, keys: KeysCollection = "image", num_slices: int = 3, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if int(num_slices) < 1:
-            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-        self.num_slices = int(num_slices)
+        super().__init__(keys, num_slices, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
@@ -210,16 +180,7 @@ class LoadAxialSlicesd(MapTransform):
 def _cell_mm(cell: dict, folder: Path, where: str, headers: dict[Path, SliceHeader]) -> list[float]:
     """Patient mm of a label cell's point (pixels of its instance); BundleInputError naming ``where``."""
     path = folder / str(cell["series_id"]) / f"{cell['instance_number']}.dcm"
-    if path not in headers:
-        if not path.is_file():
-            raise BundleInputError(f"{where}: referenced instance file {path} not found")
-        headers[path] = slice_header(read_header(path), path)
-    h = headers[path]
-    if not (0 <= cell["x"] < h.cols and 0 <= cell["y"] < h.rows):
-        raise BundleInputError(
-            f"{where}: point (x={cell['x']}, y={cell['y']}) lies outside {path} of {h.cols} columns x {h.rows} rows"
-        )
-    return [float(v) for v in pixel_to_patient(h, cell["x"], cell["y"])]
+    return instance_point_mm(path, cell["x"], cell["y"], where, headers)
 
 
 def _study_items(
@@ -265,11 +226,9 @@ def build_rsna_axial_datalist(root: str | os.PathLike, *, keep_unusable: bool = 
     cannot be read) is skipped with a warning, or with ``keep_unusable`` becomes a skipped item
     (:func:`bundle.skipping.skipped_item`). Bad CSV rows raise BundleInputError naming file and row.
     """
-    from bundle.io.rsna import _read_series, read_rsna_condition_labels
-
     root = Path(root).resolve()
     labels = read_rsna_condition_labels(root)
-    series = _read_series(root / "train_series_descriptions.csv")
+    series = read_rsna_series(root / "train_series_descriptions.csv")
     points_csv = root / "train_label_coordinates.csv"
     items: list[dict] = []
     for study, conditions in labels.items():

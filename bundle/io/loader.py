@@ -5,15 +5,10 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping, Sequence
 
-import numpy as np
-import torch
-from bundle.errors import BundleInputError
-from bundle.io.dicom_series import list_dicom_files, middle_indices, read_slice_headers, series_affine, sort_series
-from bundle.io.pixels import read_dicom_pixels
+from bundle.io.dicom_series import list_dicom_files, middle_indices, read_slice_headers, sort_series
+from bundle.io.slices import SliceLoaderd, slices_tensor
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
-from monai.utils import SpaceKeys
 
 __all__ = ["load_sagittal_series", "LoadSagittalSeriesd"]
 
@@ -51,42 +46,19 @@ def load_sagittal_series(
     files = list_dicom_files(source)
     series = sort_series(read_slice_headers(files))
     picked = middle_indices(len(series.slices), int(num_slices))
-    decoded: dict[int, np.ndarray] = {}
-    for idx in dict.fromkeys(picked):  # unique, in order: each file decoded once
-        header = series.slices[idx]
-        pixels = read_dicom_pixels(header.path)
-        if pixels.shape != header.shape:
-            raise BundleInputError(
-                f"{header.path}: decoded pixels have shape {pixels.shape}, the header says {header.shape}"
-            )
-        decoded[idx] = pixels
-    volume = np.stack([decoded[i] for i in picked]).astype(np.float32)
-
-    middle = series.slices[series.middle]
-    affine = series_affine(middle, series.slice_spacing)
     filename = os.fspath(source) if isinstance(source, (str, os.PathLike)) else os.fspath(files[0])
-    meta = {
-        "filename_or_obj": filename,
-        "series_instance_uid": middle.series_uid,
-        "instance_numbers": [series.slices[i].instance_number for i in picked],
-        "middle_instance_number": middle.instance_number,
-        "middle_filename": os.fspath(middle.path),
-        "series_num_slices": len(series.slices),
-        "pixel_spacing": np.array(middle.pixel_spacing, dtype=np.float64),
-        "slice_spacing": float(series.slice_spacing),
-        "spatial_shape": np.array(middle.shape, dtype=np.int64),
-        "original_affine": affine.copy(),
-        "original_channel_dim": 0,
-        "space": SpaceKeys.LPS.value,
-    }
-    if study_id is not None:
-        meta["study_id"] = str(study_id)
-    if series_id is not None:
-        meta["series_id"] = str(series_id)
-    return MetaTensor(torch.from_numpy(volume), affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+    return slices_tensor(
+        [series.slices[i] for i in picked],
+        series.slices[series.middle],
+        series.slice_spacing,
+        filename,
+        series_num_slices=len(series.slices),
+        study_id=None if study_id is None else str(study_id),
+        series_id=None if series_id is None else str(series_id),
+    )
 
 
-class LoadSagittalSeriesd(MapTransform):
+class LoadSagittalSeriesd(SliceLoaderd):
     """Dictionary wrapper of :func:`load_sagittal_series`: ``data[key]`` (folder or file list) -> MetaTensor.
 
     ``data["study_id"]`` and ``data["series_id"]``, when present, are copied into the image metadata. A missing
@@ -100,10 +72,7 @@ class LoadSagittalSeriesd(MapTransform):
     """
 
     def __init__(self, keys: KeysCollection = "image", num_slices: int = 7, allow_missing_keys: bool = False) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if int(num_slices) < 1:
-            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-        self.num_slices = int(num_slices)
+        super().__init__(keys, num_slices, allow_missing_keys)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)

@@ -180,6 +180,23 @@ def build_rsna_datalist(
     return items
 
 
+def instance_point_mm(path: Path, x: float, y: float, where: str, headers: dict[Path, SliceHeader]) -> list[float]:
+    """Patient mm ``[x, y, z]`` of pixel (x = column, y = row) of the instance file ``path`` (headers cached in
+    ``headers``). Raises BundleInputError naming ``where`` (the CSV row) when the file is missing or the point
+    lies outside the instance."""
+    if path not in headers:
+        if not path.is_file():
+            raise BundleInputError(f"{where}: referenced instance file {path} not found")
+        headers[path] = slice_header(read_header(path), path)
+    header = headers[path]
+    if not (0 <= x < header.cols and 0 <= y < header.rows):
+        raise BundleInputError(
+            f"{where}: point (x={x}, y={y}) lies outside the referenced instance {path} "
+            f"of {header.cols} columns x {header.rows} rows"
+        )
+    return [float(v) for v in pixel_to_patient(header, x, y)]
+
+
 def _labelled_item(
     study: str,
     study_labels: list[int],
@@ -204,17 +221,7 @@ def _labelled_item(
             logger.debug("study %s level %s: %d spinal points, using %s", study, level, len(rows), rows[0]["where"])
         p = rows[0]
         path = images / study / p["series_id"] / f"{p['instance']}.dcm"
-        if path not in headers:
-            if not path.is_file():
-                raise BundleInputError(f"{p['where']}: referenced instance file {path} not found")
-            headers[path] = slice_header(read_header(path), path)
-        header = headers[path]
-        if not (0 <= p["x"] < header.cols and 0 <= p["y"] < header.rows):
-            raise BundleInputError(
-                f"{p['where']}: point (x={p['x']}, y={p['y']}) lies outside the referenced instance "
-                f"{path} of {header.cols} columns x {header.rows} rows"
-            )
-        mm[level_index] = [float(v) for v in pixel_to_patient(header, p["x"], p["y"])]
+        mm[level_index] = instance_point_mm(path, p["x"], p["y"], p["where"], headers)
     return {
         "image": str(folder),
         "study_id": study,

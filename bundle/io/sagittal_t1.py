@@ -21,7 +21,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import (
     SliceHeader,
@@ -29,19 +28,15 @@ from bundle.io.dicom_series import (
     list_dicom_files,
     pixel_to_patient,
     read_slice_headers,
-    series_affine,
-    slice_header,
     sort_series,
 )
-from bundle.io.pixels import read_dicom_pixels, read_header
-from bundle.io.rsna import read_rsna_condition_labels, read_rsna_series
+from bundle.io.rsna import instance_point_mm, read_rsna_condition_labels, read_rsna_series
+from bundle.io.slices import SliceLoaderd, slices_tensor
 from bundle.rsna_labels import CONDITIONS, LEVELS, SPINAL
 from bundle.skipping import skipped_item
 from bundle.streams import RSNA_T1_STREAMS
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
-from monai.utils import SpaceKeys
 
 __all__ = [
     "DEFAULT_FORAMEN_OFFSET_MM",
@@ -93,17 +88,6 @@ def foramen_slab_indices(
     return sorted(picked, key=lambda i: (float(series.slices[i].position[0]), i))
 
 
-def _decode(headers: Sequence[SliceHeader]) -> np.ndarray:
-    decoded: dict[Path, np.ndarray] = {}
-    for h in headers:
-        if h.path not in decoded:
-            pixels = read_dicom_pixels(h.path)
-            if pixels.shape != h.shape:
-                raise BundleInputError(f"{h.path}: decoded pixels have shape {pixels.shape}, the header says {h.shape}")
-            decoded[h.path] = pixels
-    return np.stack([decoded[h.path] for h in headers]).astype(np.float32)
-
-
 def load_foramen_slabs(
     source: str | os.PathLike | Sequence[str | os.PathLike],
     num_slices: int = 3,
@@ -128,35 +112,21 @@ def load_foramen_slabs(
     centre = canal_centre_mm(series, canal_mm)
     x0 = float(centre[0])
     picked = [i for side in SIDES for i in foramen_slab_indices(series, side, num_slices, foramen_offset_mm, centre)]
-    headers = [series.slices[i] for i in picked]
-    middle = series.slices[series.middle]
-    affine = series_affine(middle, series.slice_spacing)
-    meta = {
-        "filename_or_obj": os.fspath(source) if isinstance(source, (str, os.PathLike)) else os.fspath(files[0]),
-        "series_instance_uid": middle.series_uid,
-        "instance_numbers": [h.instance_number for h in headers],
-        "slab_sides": [side for side in SIDES for _ in range(int(num_slices))],
-        "canal_x_mm": x0,
-        "foramen_x_mm": {side: x0 + _SIDE_SIGN[side] * float(foramen_offset_mm) for side in SIDES},
-        "middle_instance_number": middle.instance_number,
-        "middle_filename": os.fspath(middle.path),
-        "series_num_slices": len(series.slices),
-        "pixel_spacing": np.array(middle.pixel_spacing, dtype=np.float64),
-        "slice_spacing": float(series.slice_spacing),
-        "spatial_shape": np.array(middle.shape, dtype=np.int64),
-        "original_affine": affine.copy(),
-        "original_channel_dim": 0,
-        "space": SpaceKeys.LPS.value,
-    }
-    if study_id is not None:
-        meta["study_id"] = str(study_id)
-    if series_id is not None:
-        meta["series_id"] = str(series_id)
-    volume = torch.from_numpy(_decode(headers))
-    return MetaTensor(volume, affine=torch.as_tensor(affine, dtype=torch.float64), meta=meta)
+    return slices_tensor(
+        [series.slices[i] for i in picked],
+        series.slices[series.middle],
+        series.slice_spacing,
+        source if isinstance(source, (str, os.PathLike)) else files[0],
+        slab_sides=[side for side in SIDES for _ in range(int(num_slices))],
+        canal_x_mm=x0,
+        foramen_x_mm={side: x0 + _SIDE_SIGN[side] * float(foramen_offset_mm) for side in SIDES},
+        series_num_slices=len(series.slices),
+        study_id=None if study_id is None else str(study_id),
+        series_id=None if series_id is None else str(series_id),
+    )
 
 
-class LoadForamenSlabsd(MapTransform):
+class LoadForamenSlabsd(SliceLoaderd):
     """Dictionary wrapper of :func:`load_foramen_slabs`: ``data[key]`` (T1 series folder) -> MetaTensor.
 
     ``data[canal_key]`` (five ``[x, y, z]`` mm points or None, or absent) locates the canal; it is removed from
@@ -171,10 +141,7 @@ class LoadForamenSlabsd(MapTransform):
         canal_key: str = "canal_mm",
         allow_missing_keys: bool = False,
     ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        if int(num_slices) < 1:
-            raise ValueError(f"num_slices must be >= 1, got {num_slices}")
-        self.num_slices = int(num_slices)
+        super().__init__(keys, num_slices, allow_missing_keys)
         self.foramen_offset_mm = float(foramen_offset_mm)
         self.canal_key = canal_key
 
@@ -197,17 +164,7 @@ class LoadForamenSlabsd(MapTransform):
 def _cell_mm(images: Path, study: str, cell: Mapping, what: str, headers: dict[Path, SliceHeader]) -> list[float]:
     """Patient mm [x, y, z] of one labelled point (pixels of its instance); ``what`` names the CSV row."""
     path = images / study / str(cell["series_id"]) / f"{cell['instance_number']}.dcm"
-    if path not in headers:
-        if not path.is_file():
-            raise BundleInputError(f"{what}: referenced instance file {path} not found")
-        headers[path] = slice_header(read_header(path), path)
-    h = headers[path]
-    if not (0 <= cell["x"] < h.cols and 0 <= cell["y"] < h.rows):
-        raise BundleInputError(
-            f"{what}: point (x={cell['x']}, y={cell['y']}) lies outside the referenced instance {path} "
-            f"of {h.cols} columns x {h.rows} rows"
-        )
-    return [float(v) for v in pixel_to_patient(h, cell["x"], cell["y"])]
+    return instance_point_mm(path, cell["x"], cell["y"], what, headers)
 
 
 def _t1_item(
