@@ -363,7 +363,8 @@ def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
 def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
     """``package_bundle.py --demo`` into MONAI Label's ``monaibundle`` app (the documented alternative), then
     start_server, no edits: the demo's weights (trained ones when models/demo/model.pt exists, else demo-shaped
-    random ones in a bundle copy) answer /infer with 5 levels; an unknown image id gets 404 without its name."""
+    random ones in a bundle copy) answer /infer with named levels, all 5 with trained weights; an unknown image id gets 404 without its name.
+    """
     src = ROOT
     if not (ROOT / "models" / "demo" / "model.pt").is_file():
         src = tmp_path / "src"
@@ -378,7 +379,10 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
         info = server.wait_info()
         assert info is not None and "spineone" in info["models"], server.log()[-4000:]
         result = json.loads(_request(f"{server.base}/infer/spineone?image=phantom&output=json", "POST"))
-        assert sorted(p["level"] for p in result["keypoints"]) == STREAMS["disc"]["levels"]
+        levels = [p["level"] for p in result["keypoints"]]
+        assert levels and len(set(levels)) == len(levels) and set(levels) <= set(STREAMS["disc"]["levels"])
+        if src == ROOT:  # trained demo weights find every disc; random ones (the level map included) need not
+            assert sorted(levels) == STREAMS["disc"]["levels"]
         # the sample app hands the bundle an empty path for an unknown id: the loader's 404, which cannot name it
         with pytest.raises(urllib.error.HTTPError) as error:
             _request(f"{server.base}/infer/spineone?image=no_such_study&output=json", "POST")
