@@ -363,8 +363,8 @@ def test_monailabel_refuses_a_checkpoint_that_does_not_fit(tmp_path):
 def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
     """``package_bundle.py --demo`` into MONAI Label's ``monaibundle`` app (the documented alternative), then
     start_server, no edits: the demo's weights (trained ones when models/demo/model.pt exists, else demo-shaped
-    random ones in a bundle copy) answer /infer with named levels, all 5 with trained weights; an unknown image id gets 404 without its name.
-    """
+    random ones in a bundle copy) answer /infer with named levels, all 5 with trained weights; an unknown image
+    id gets 404 without its name."""
     src = ROOT
     if not (ROOT / "models" / "demo" / "model.pt").is_file():
         src = tmp_path / "src"
