@@ -21,7 +21,7 @@ from bundle.io.axial import (
     nearest_axial_slices,
     read_axial_stacks,
 )
-from bundle.io.dicom_series import pixel_to_patient, slice_header
+from bundle.io.dicom_series import patient_to_pixel, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.phantoms import generate_phantoms
 from bundle.skipping import SKIPPED_KEY
@@ -171,3 +171,16 @@ def test_single_level_assignment_keeps_the_best_candidate():
 
     out = assign_levels(np.array([[0.0, 0.0], [0.0, 10.0], [0.0, 50.0]]), np.array([0.5, 2.0, 0.3]), 1, 35.0)
     assert out.level.tolist() == [-1, 0, -1]  # one level per axial item: the strongest candidate takes it
+
+
+def test_patient_to_pixel_inverts_pixel_to_patient(phantoms):
+    """A pixel moved 2.5 mm off its axial plane comes back as that pixel, 2.5 mm along the normal."""
+    path = next(
+        p
+        for p in sorted((phantoms / "train_images").rglob("*.dcm"))
+        if "Axial" in str(read_header(p).get("SeriesDescription", ""))
+    )
+    header = slice_header(read_header(path), path)
+    point = pixel_to_patient(header, 17.25, 40.5) + 2.5 * header.normal
+    x, y, d = patient_to_pixel(header, point)
+    assert (x, y, d) == pytest.approx((17.25, 40.5, 2.5), abs=1e-9)

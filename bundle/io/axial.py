@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import SliceHeader, list_dicom_files, read_slice_headers
+from bundle.io.dicom_series import SliceHeader, list_dicom_files, patient_to_pixel, read_slice_headers
 from bundle.io.rsna import instance_point_mm, read_rsna_condition_labels, read_rsna_series
 from bundle.io.slices import SliceLoaderd, slices_tensor
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
@@ -52,16 +52,8 @@ class AxialSlices:
     slice_spacing: float  # mm, median gap of the block (1 mm for a single slice)
 
 
-def _in_plane(header: SliceHeader, point: np.ndarray) -> tuple[float, float, float]:
-    """(x column, y row, distance along the normal in mm) of a patient-mm point on ``header``'s plane."""
-    rel = np.asarray(point, dtype=np.float64) - header.position
-    x = float(rel @ header.orientation[:3]) / header.pixel_spacing[1]
-    y = float(rel @ header.orientation[3:]) / header.pixel_spacing[0]
-    return x, y, float(rel @ header.normal)
-
-
 def _covers(header: SliceHeader, point: np.ndarray) -> bool:
-    x, y, _ = _in_plane(header, point)
+    x, y, _ = patient_to_pixel(header, point)
     return -0.5 <= x <= header.cols - 0.5 and -0.5 <= y <= header.rows - 0.5
 
 
@@ -84,7 +76,7 @@ def nearest_axial_slices(
     best: tuple[float, int, SliceHeader] | None = None
     for s, stack in enumerate(stacks):
         for h in stack:
-            d = abs(_in_plane(h, point)[2])
+            d = abs(patient_to_pixel(h, point)[2])
             if _covers(h, point) and (best is None or d < best[0]):
                 best = (d, s, h)
     if best is None:
@@ -100,9 +92,9 @@ def nearest_axial_slices(
     gaps = np.diff(offsets)
     spacing = float(np.median(gaps)) if gaps.size and np.median(gaps) > 1e-6 else 1.0
     slab = max(spacing, centre.slice_thickness or 0.0, centre.spacing_between_slices or 0.0)
-    if abs(_in_plane(centre, point)[2]) > slab:  # beyond the stack's ends: no slice shows the point
+    if abs(patient_to_pixel(centre, point)[2]) > slab:  # beyond the stack's ends: no slice shows the point
         return None
-    return AxialSlices(s, centre, picked, _in_plane(centre, point)[2], spacing)
+    return AxialSlices(s, centre, picked, patient_to_pixel(centre, point)[2], spacing)
 
 
 def read_axial_stacks(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[SliceHeader]]:

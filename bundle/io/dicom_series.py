@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from bundle.codec import pixels_to_mm_np
+from bundle.codec import mm_to_pixels_np, pixels_to_mm_np
 from bundle.errors import BundleInputError, MissingInputError
 from bundle.io.pixels import read_header
 from pydicom.dataset import Dataset
@@ -27,6 +27,7 @@ __all__ = [
     "slice_normal",
     "plane_name",
     "pixel_to_patient",
+    "patient_to_pixel",
     "sort_series",
     "middle_indices",
     "series_affine",
@@ -96,6 +97,14 @@ def pixel_to_patient(header: SliceHeader, x: float, y: float) -> np.ndarray:
     slice's affine (:func:`series_affine`).
     """
     return pixels_to_mm_np([[float(x), float(y)]], series_affine(header, 1.0))[0]
+
+
+def patient_to_pixel(header: SliceHeader, point_mm) -> tuple[float, float, float]:
+    """Inverse of :func:`pixel_to_patient`: ``(x column, y row, signed mm from the plane along its normal)`` of a
+    patient-mm point on ``header``'s image (the in-plane part by the codec's geometry)."""
+    point = np.asarray(point_mm, dtype=np.float64)
+    x, y = mm_to_pixels_np(point[None], series_affine(header, 1.0))[0]
+    return float(x), float(y), float((point - header.position) @ header.normal)
 
 
 def _checked_path(path: str | os.PathLike | None, what: str) -> Path:
