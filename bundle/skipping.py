@@ -95,7 +95,8 @@ class SkipUnusableStudyd(MapTransform):
     Every item leaves with a ``"skipped"`` entry, ``""`` when the study was loaded.
 
     Args:
-        transform: the loader, e.g. ``bundle.LoadSagittalSeriesd``; its ``num_slices`` sizes the placeholder.
+        transform: the loader, a :class:`bundle.io.slices.SliceLoaderd` (e.g. ``bundle.LoadSagittalSeriesd``);
+            its ``channels`` (else ``num_slices``) sizes the placeholder.
         keys: the image key(s) the loader fills.
 
     Example:
@@ -111,7 +112,7 @@ class SkipUnusableStudyd(MapTransform):
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.transform = transform
-        self.num_slices = int(getattr(transform, "num_slices", 1))
+        self.num_slices = int(getattr(transform, "channels", getattr(transform, "num_slices", 1)))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -131,22 +132,22 @@ class SkipUnusableStudyd(MapTransform):
 
 
 def skip_unusable(preprocessing: Compose) -> Compose:
-    """A copy of a preprocessing ``Compose`` whose series loader(s) are wrapped in :class:`SkipUnusableStudyd`.
+    """A copy of a preprocessing ``Compose`` whose series loader(s) (:class:`bundle.io.slices.SliceLoaderd`: the
+    sagittal T2, sagittal T1 and axial loaders) are wrapped in :class:`SkipUnusableStudyd`.
 
     The configs keep ``preprocessing`` strict (MONAI Label serves one image and must report its error) and give
     this copy to the batch runs' datasets.
     """
-    from bundle.io import LoadSagittalSeriesd
+    from bundle.io.slices import SliceLoaderd
 
     if not isinstance(preprocessing, Compose):
         raise TypeError(f"expected a monai.transforms.Compose, got {type(preprocessing).__name__}")
     wrapped = copy.copy(preprocessing)
     wrapped.transforms = tuple(
-        SkipUnusableStudyd(t, keys=t.keys) if isinstance(t, LoadSagittalSeriesd) else t
-        for t in preprocessing.transforms
+        SkipUnusableStudyd(t, keys=t.keys) if isinstance(t, SliceLoaderd) else t for t in preprocessing.transforms
     )
     if tuple(wrapped.transforms) == tuple(preprocessing.transforms):
-        raise ValueError("the preprocessing has no bundle.LoadSagittalSeriesd to wrap")
+        raise ValueError("the preprocessing has no series loader (bundle.io.slices.SliceLoaderd) to wrap")
     return wrapped
 
 

@@ -216,3 +216,16 @@ def test_tiny_t1_training_through_monai_bundle_writes_a_checkpoint(tmp_path):
     first = next(v for k, v in weights.items() if v.ndim == 4)
     assert first.shape[1] == 6  # in_channels = 2 * num_slices: left slab then right slab
     assert not (tmp_path / "models" / "model.pt").exists()  # the spinal model's folder is untouched
+
+
+def test_batch_runs_skip_an_unreadable_t1_study_with_a_placeholder_of_both_slabs(items, tmp_path):
+    """skip_unusable wraps the T1 loader too: a missing series folder becomes a skipped item whose placeholder
+    has the 2 * num_slices channels the network takes (evaluation and inference keep going)."""
+    from bundle.skipping import SKIPPED_KEY, skip_unusable
+    from monai.transforms import Compose
+
+    preprocessing = skip_unusable(Compose([LoadForamenSlabsd(keys="image", num_slices=3)]))
+    good = preprocessing(dict(items[0]))
+    assert good[SKIPPED_KEY] == "" and good["image"].shape[0] == 6
+    bad = preprocessing({**items[0], "image": str(tmp_path / "missing_series")})
+    assert "missing_series" in bad[SKIPPED_KEY] and bad["image"].shape[0] == 6

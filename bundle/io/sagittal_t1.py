@@ -127,11 +127,14 @@ def load_foramen_slabs(
 
 
 class LoadForamenSlabsd(SliceLoaderd):
-    """Dictionary wrapper of :func:`load_foramen_slabs`: ``data[key]`` (T1 series folder) -> MetaTensor.
+    """Dictionary wrapper of :func:`load_foramen_slabs`: ``data[key]`` (T1 series folder) -> MetaTensor
+    (2 * num_slices channels: one slab per side).
 
     ``data[canal_key]`` (five ``[x, y, z]`` mm points or None, or absent) locates the canal; it is removed from
     the item (a list with None entries would not collate). ``study_id``/``series_id`` go into the metadata.
     """
+
+    slabs = len(SIDES)
 
     def __init__(
         self,

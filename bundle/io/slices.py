@@ -72,10 +72,18 @@ def slices_tensor(
 
 class SliceLoaderd(MapTransform):
     """Base of the series loaders' dictionary transforms: ``keys``, ``num_slices`` (>= 1, channels per slab) and
-    ``allow_missing_keys``; subclasses implement ``__call__``."""
+    ``allow_missing_keys``; subclasses implement ``__call__``. ``channels`` is the image's channel count (one
+    slab: ``num_slices``), which sizes a skipped study's placeholder (``bundle.skipping``)."""
+
+    slabs: int = 1
 
     def __init__(self, keys: KeysCollection = "image", num_slices: int = 7, allow_missing_keys: bool = False) -> None:
         super().__init__(keys, allow_missing_keys)
         if int(num_slices) < 1:
             raise ValueError(f"num_slices must be >= 1, got {num_slices}")
         self.num_slices = int(num_slices)
+
+    @property
+    def channels(self) -> int:
+        """Channels of the loaded image: ``slabs * num_slices``."""
+        return self.slabs * self.num_slices
