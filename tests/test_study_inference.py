@@ -19,6 +19,7 @@ import torch
 from bundle.errors import BundleInputError
 from bundle.io.axial import nearest_axial_slices, read_axial_stacks
 from bundle.io.dicom_series import list_dicom_files, patient_to_pixel, read_slice_headers
+from bundle.options import check_overrides
 from bundle.outputs import read_rsna_prior
 from bundle.phantoms import generate_phantoms
 from bundle.rsna_labels import CONDITIONS, LEVELS, snake
@@ -239,3 +240,10 @@ def test_a_study_without_t1_or_axial_keeps_its_other_rows_from_images(studies, i
         expected = [c for c in CONDITIONS if ("foraminal" in c) == (kind == "sagittal_t1") and c != CONDITIONS[0]]
         assert all(f"{c}_{snake(lv)}" in reason for c in expected for lv in LEVELS)
         assert not (inferred / study / f"overlay_{kind}.png").exists()
+
+
+def test_study_options_pass_the_option_check_and_a_typo_is_named():
+    base = ["run", "--config_file", str([str(ROOT / "configs" / f) for f in ("inference.json", "inference_study.json")])]
+    check_overrides(base + ["--sagittal_t1_ckpt", "a.pt", "--axial_ckpt", "b.pt", "--series_extra_configs", "[]"])
+    with pytest.raises(BundleInputError, match="did you mean --axial_ckpt"):
+        check_overrides(base + ["--axial_ckp", "b.pt"])
