@@ -243,7 +243,11 @@ def test_a_study_without_t1_or_axial_keeps_its_other_rows_from_images(studies, i
 
 
 def test_study_options_pass_the_option_check_and_a_typo_is_named():
-    base = ["run", "--config_file", str([str(ROOT / "configs" / f) for f in ("inference.json", "inference_study.json")])]
+    base = [
+        "run",
+        "--config_file",
+        str([str(ROOT / "configs" / f) for f in ("inference.json", "inference_study.json")]),
+    ]
     check_overrides(base + ["--sagittal_t1_ckpt", "a.pt", "--axial_ckpt", "b.pt", "--series_extra_configs", "[]"])
     with pytest.raises(BundleInputError, match="did you mean --axial_ckpt"):
         check_overrides(base + ["--axial_ckp", "b.pt"])
