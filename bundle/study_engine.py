@@ -14,9 +14,11 @@ configured ``inferer``, the FORWARD/MODEL_COMPLETED events), then, per study,
 Each series model's network, codec and preprocessing come from its own training config
 (:func:`load_series_model`); its BatchNorm is folded at the start of the run (``bundle.InferenceOptimizer``).
 The output of an iteration is a list with one result per study (see :meth:`StudyEvaluator.study_result`);
-``decollate`` is off and there is no ``postprocessing``: the results are final. Pixel positions are those of
-the instance through the point: sagittal T2 and T1 the nearest slice of the series, axial the slice nearest
-the disc point (:func:`bundle.io.axial.nearest_axial_slices`), via :func:`bundle.io.dicom_series.patient_to_pixel`.
+``decollate`` is off and there is no ``postprocessing``: the results are final. The configured ``inferer`` (e.g.
+``bundle.AutocastInferer``) runs all three networks; its precision is resolved once per device, on the first (the
+sagittal T2) network. Pixel positions are those of the instance through the point: sagittal T2 and T1 the
+nearest slice of the series, axial the slice nearest the disc point (:func:`bundle.io.axial.nearest_axial_slices`),
+via :func:`bundle.io.dicom_series.patient_to_pixel`.
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ from bundle.errors import BundleInputError
 from bundle.handlers import InferenceOptimizer
 from bundle.io.dicom_series import SliceHeader, list_dicom_files, read_slice_headers, series_affine, sort_series
 from bundle.outputs import keypoint_record
-from bundle.rsna_labels import LEVELS
+from bundle.rsna_labels import LEVELS, snake
 from bundle.skipping import SKIPPED_KEY
-from bundle.streams import STREAM_CONDITIONS, StreamSpec
+from bundle.streams import RSNA_AXIAL_STREAMS, RSNA_STREAMS, RSNA_T1_STREAMS, STREAM_CONDITIONS, StreamSpec
 from bundle.studies import STUDY_SERIES_KEY
 from bundle.transforms import KeypointsToArraysd, OCPCTargetsd
 from monai.bundle import ConfigParser
@@ -52,6 +54,16 @@ __all__ = ["SeriesModel", "load_series_model", "study_models", "collate_studies"
 logger = logging.getLogger(__name__)
 
 _LABEL_TRANSFORMS = (KeypointsToArraysd, OCPCTargetsd)
+#: the series type whose model predicts each stream
+_STREAM_SERIES = {
+    s.name: kind
+    for kind, specs in (
+        ("sagittal_t2", RSNA_STREAMS),
+        ("sagittal_t1", RSNA_T1_STREAMS),
+        ("axial_t2", RSNA_AXIAL_STREAMS),
+    )
+    for s in specs
+}
 
 
 @dataclass
@@ -273,6 +285,7 @@ class StudyEvaluator(SupervisedEvaluator):
         result["overlays"][kind] = list(panels.items())
 
     def _sagittal_t1(self, study_id: str, spinal: Mapping, series: Mapping, result: dict, notes: dict) -> None:
+        """Foramen slabs around the spinal points -> T1 model -> records on each side's slab centre slice."""
         model = self.series_models["sagittal_t1"]
         folder = series["sagittal_t1"]
         canal = [spinal.get(level) for level in LEVELS]
@@ -294,6 +307,8 @@ class StudyEvaluator(SupervisedEvaluator):
         self._add(result, "sagittal_t1", records)
 
     def _axial(self, study_id: str, spinal: Mapping, series: Mapping, result: dict, notes: dict) -> None:
+        """Per level with a spinal point, the axial slices nearest it -> axial model (one batch) -> records on the
+        nearest slice, named by that level; ``notes[("axial_t2", level)]`` says why a level was not run."""
         model = self.series_models["axial_t2"]
         folders = list(series["axial_t2"])
         prepared = []
@@ -318,14 +333,10 @@ class StudyEvaluator(SupervisedEvaluator):
     @staticmethod
     def _partial(records: Sequence[Mapping], missing: Mapping[str, str], notes: Mapping) -> list[str]:
         """One reason per series type or level whose condition-levels have no prediction."""
-        from bundle.rsna_labels import snake
-
         done = {(r["condition"], r["level"]) for r in records}
         reasons: dict[str, list[str]] = {}
         for stream, condition in STREAM_CONDITIONS.items():
-            kind = {"disc": "sagittal_t2", "left_foramen": "sagittal_t1", "right_foramen": "sagittal_t1"}.get(
-                stream, "axial_t2"
-            )
+            kind = _STREAM_SERIES[stream]
             for level in LEVELS:
                 if (condition, level) in done:
                     continue
