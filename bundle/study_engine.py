@@ -36,6 +36,7 @@ from bundle.checkpoints import checked_network, load_state_dict
 from bundle.codec import OCPCCodec
 from bundle.errors import BundleInputError
 from bundle.handlers import InferenceOptimizer
+from bundle.io.axial import read_axial_stacks
 from bundle.io.dicom_series import SliceHeader, list_dicom_files, read_slice_headers, series_affine, sort_series
 from bundle.outputs import keypoint_record
 from bundle.rsna_labels import LEVELS, snake
@@ -311,12 +312,14 @@ class StudyEvaluator(SupervisedEvaluator):
         nearest slice, named by that level; ``notes[("axial_t2", level)]`` says why a level was not run."""
         model = self.series_models["axial_t2"]
         folders = list(series["axial_t2"])
+        stacks = read_axial_stacks(folders)  # once for all levels
         prepared = []
         for level in LEVELS:
             if level not in spinal:
                 notes[("axial_t2", level)] = f"axial_t2: no sagittal T2 spinal point at {level} to place the slices"
                 continue
             item = {"image": folders, "disc_mm": spinal[level], "level": level, "study_id": study_id}
+            item["axial_stacks"] = stacks
             try:
                 prepared.append(self._prepare(model, item))
             except BundleInputError as err:  # e.g. no axial slice covers this disc: only this level's rows

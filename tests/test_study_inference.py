@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 from bundle.errors import BundleInputError
-from bundle.io.axial import nearest_axial_slices, read_axial_stacks
+from bundle.io.axial import LoadAxialSlicesd, nearest_axial_slices, read_axial_stacks
 from bundle.io.dicom_series import list_dicom_files, patient_to_pixel, read_slice_headers
 from bundle.options import check_overrides
 from bundle.outputs import read_rsna_prior
@@ -251,3 +251,18 @@ def test_study_options_pass_the_option_check_and_a_typo_is_named():
     check_overrides(base + ["--sagittal_t1_ckpt", "a.pt", "--axial_ckpt", "b.pt", "--series_extra_configs", "[]"])
     with pytest.raises(BundleInputError, match="did you mean --axial_ckpt"):
         check_overrides(base + ["--axial_ckp", "b.pt"])
+
+
+def test_axial_loader_takes_the_headers_read_once(studies):
+    study = studies["full"]
+    folders = [
+        str(studies["root"] / "train_images" / study / s) for s in _series_ids(studies["root"], study, "Axial T2")
+    ]
+    disc = studies["truth"][study][2]
+    item = {"image": folders, "disc_mm": disc, "level": LEVELS[2], "study_id": study}
+    load = LoadAxialSlicesd(keys="image", num_slices=3)
+    fresh = load(dict(item))
+    reused = load({**item, "axial_stacks": read_axial_stacks(folders)})
+    assert "axial_stacks" not in reused
+    assert torch.equal(fresh["image"], reused["image"])
+    assert fresh["image"].meta["instance_numbers"] == reused["image"].meta["instance_numbers"]
