@@ -1,7 +1,8 @@
 """Study-level inference (issue 13): full-study items, the study engine and its outputs on small phantoms.
 
-Four RSNA phantom studies, edited so that one lacks its Sagittal T1, one its Axial T2 and one its sagittal
-T2 (that study then lists two "Sagittal T1" series). The three series models are randomly initialised
+Five RSNA phantom studies, edited so that one lacks its Sagittal T1, one its Axial T2, one its sagittal T2
+(that study then lists two "Sagittal T1" series) and one has a truncated Sagittal T1 (the last has two Axial
+T2 series). The three series models are randomly initialised
 ResNet-18s at 96 pixels; the sagittal T2 stage runs, but the spinal points handed to the T1 and axial stages are
 the phantom's true ones (:class:`TruthSpinalEvaluator`), so which axial slices and T1 slabs are read is known.
 """
@@ -46,14 +47,18 @@ def _describe(root: Path, study: str, old: str, new: str) -> None:
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> dict:
     root = generate_phantoms(
-        tmp_path_factory.mktemp("full") / "rsna", "rsna", studies=4, seed=3, min_size=64, max_size=96
+        tmp_path_factory.mktemp("full") / "rsna", "rsna", studies=5, seed=3, min_size=64, max_size=96
     )
     truth = {it["study_id"]: it["keypoints"]["disc"]["mm"] for it in load_datalist(root, "rsna", "all")}
-    full, no_t1, no_axial, no_t2 = list(truth)
+    full, no_t1, no_axial, no_t2, bad_t1 = list(truth)
     _describe(root, no_t1, "Sagittal T1", "Scout")
     _describe(root, no_axial, "Axial T2", "Scout")
     _describe(root, no_t2, "Sagittal T2/STIR", "Sagittal T1")
-    return {"root": root, "truth": truth, "full": full, "no_t1": no_t1, "no_axial": no_axial, "no_t2": no_t2}
+    for sid in _series_ids(root, bad_t1, "Sagittal T1"):  # pixel data cut short, headers readable
+        for path in (root / "train_images" / bad_t1 / sid).glob("*.dcm"):
+            path.write_bytes(path.read_bytes()[:-200])
+    ids = {"full": full, "no_t1": no_t1, "no_axial": no_axial, "no_t2": no_t2, "bad_t1": bad_t1}
+    return {"root": root, "truth": truth, **ids}
 
 
 def _series_ids(root: Path, study: str, description: str) -> list[str]:
@@ -199,7 +204,7 @@ def test_foramen_points_lie_on_their_side(studies, inferred):
 def test_submission_has_25_rows_per_study_and_the_prior_only_where_nothing_was_seen(studies, inferred):
     rows = _csv(inferred / "submission.csv")
     ids = [r["row_id"] for r in rows]
-    assert len(rows) == 100 and len(set(ids)) == 100
+    assert len(rows) == 125 and len(set(ids)) == 125
     prior = read_rsna_prior(studies["root"] / "train.csv")
     skipped = _csv(inferred / "skipped.csv")
     for study in studies["truth"]:
@@ -266,3 +271,13 @@ def test_axial_loader_takes_the_headers_read_once(studies):
     assert "axial_stacks" not in reused
     assert torch.equal(fresh["image"], reused["image"])
     assert fresh["image"].meta["instance_numbers"] == reused["image"].meta["instance_numbers"]
+
+
+def test_an_unreadable_series_gives_its_rows_the_prior_and_the_study_goes_on(studies, inferred):
+    study = studies["bad_t1"]
+    content = _keypoints(inferred, study)
+    assert not content["series"]["sagittal_t1"]["used"] and ".dcm" in content["series"]["sagittal_t1"]["reason"]
+    assert len(content["series"]["axial_t2"]["series_ids"]) == 2 and content["series"]["axial_t2"]["used"]
+    assert {r["series"] for r in content["keypoints"]} == {"sagittal_t2", "axial_t2"}
+    reasons = [s["reason"] for s in _csv(inferred / "skipped.csv") if s["study_id"] == study]
+    assert any(r.startswith("sagittal_t1 not used") and "left_neural_foraminal_narrowing_l1_l2" in r for r in reasons)
