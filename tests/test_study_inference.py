@@ -10,6 +10,7 @@ the phantom's true ones (:class:`TruthSpinalEvaluator`), so which axial slices a
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -281,3 +282,20 @@ def test_an_unreadable_series_gives_its_rows_the_prior_and_the_study_goes_on(stu
     assert {r["series"] for r in content["keypoints"]} == {"sagittal_t2", "axial_t2"}
     reasons = [s["reason"] for s in _csv(inferred / "skipped.csv") if s["study_id"] == study]
     assert any(r.startswith("sagittal_t1 not used") and "left_neural_foraminal_narrowing_l1_l2" in r for r in reasons)
+
+
+def test_study_benchmark_times_both_kinds_of_run():
+    spec = importlib.util.spec_from_file_location("bench_study", ROOT / "scripts" / "bench_study.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    sizes = [f"{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    report = bench.run(
+        bench.parse_args(
+            ["--repeats", "1", "--max-size", "96", "--precision", "fp32", *sum((["--set", s] for s in sizes), [])]
+        )
+    )
+    assert report["sizes"] == SMALL
+    assert all(len(v) == 1 and v[0] > 0 for v in report["seconds"].values())
+    assert report["study_over_spinal"] == pytest.approx(report["best"]["study"] / report["best"]["spinal"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--repeats", "0"])
