@@ -31,6 +31,7 @@ from monai.utils import SpaceKeys
 
 __all__ = [
     "SKIPPED_KEY",
+    "PARTIAL_KEY",
     "skipped_item",
     "skipped_reasons",
     "placeholder_series",
@@ -42,6 +43,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SKIPPED_KEY = "skipped"
+#: key of a study result's list of reasons for rows given the constant prediction (study-level inference)
+PARTIAL_KEY = "partial"
 _PLACEHOLDER_SIZE = 16  # pixels; padded to the network input size by the usual preprocessing
 
 
@@ -155,6 +158,10 @@ class SkippedStudiesWriter:
     """Record the studies a batch run skipped: one warning line each, ``output_dir/skipped.csv``
     (``study_id,reason``, written atomically at the end, header only when none was skipped) and a summary.
 
+    A study processed only in part (the study-level inference: a missing series type, a level not found)
+    lists each reason under ``PARTIAL_KEY`` in its result (``engine.state.output``, a list of dicts); those
+    lines follow the skipped studies in ``skipped.csv`` (the study counts as done, not as skipped).
+
     ``engine.state.extra_metrics["skipped_studies"]`` holds the running count (``MetricsWriter`` puts it in
     metrics.json). When no study at all could be processed the run fails after writing ``skipped.csv``.
     """
@@ -163,6 +170,7 @@ class SkippedStudiesWriter:
         self.path = Path(output_dir) / filename
         self.done = 0
         self.skipped: list[tuple[str, str]] = []
+        self.partial: list[tuple[str, str]] = []
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.reset)
@@ -170,7 +178,7 @@ class SkippedStudiesWriter:
         engine.add_event_handler(Events.COMPLETED, self.finish)
 
     def reset(self, engine: Engine) -> None:
-        self.done, self.skipped = 0, []
+        self.done, self.skipped, self.partial = 0, [], []
         self._publish(engine)
 
     def record(self, engine: Engine) -> None:
@@ -190,6 +198,10 @@ class SkippedStudiesWriter:
                 self.skipped.append((study_id, reason))
             else:
                 self.done += 1
+        output = engine.state.output if isinstance(engine.state.output, list) else []
+        for result in output:
+            if isinstance(result, Mapping):
+                self.partial += [(str(result.get("study_id", "")), str(r)) for r in result.get(PARTIAL_KEY) or []]
         self._publish(engine)
 
     def _publish(self, engine: Engine) -> None:
@@ -201,9 +213,10 @@ class SkippedStudiesWriter:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(["study_id", "reason"])
-        writer.writerows(self.skipped)
+        writer.writerows(self.skipped + self.partial)
         atomic_write_text(self.path, buffer.getvalue())
-        logger.info(f"studies: {self.done} done, {len(self.skipped)} skipped (listed in {self.path})")
+        part = f", {len(self.partial)} reasons for constant rows of processed studies" if self.partial else ""
+        logger.info(f"studies: {self.done} done, {len(self.skipped)} skipped{part} (listed in {self.path})")
         if self.done == 0:
             raise BundleInputError(
                 f"no study could be processed: all {len(self.skipped)} were skipped; reasons in {self.path}"

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from bundle.rsna_labels import CONDITIONS as RSNA_CONDITIONS
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
 from bundle.rsna_labels import SEVERITIES as RSNA_SEVERITIES
 
@@ -21,6 +22,7 @@ __all__ = [
     "TIANCHI_STREAMS",
     "RSNA_AXIAL_STREAMS",
     "AXIAL_LEVEL",
+    "STREAM_CONDITIONS",
     "parse_streams",
     "class_counts",
     "stream_channels",
@@ -144,4 +146,9 @@ def split_output(
 AXIAL_LEVEL = "disc"
 RSNA_AXIAL_STREAMS: tuple[StreamSpec, ...] = tuple(
     StreamSpec(f"{side}_subarticular", (AXIAL_LEVEL,), RSNA_SEVERITIES) for side in ("left", "right")
+)
+
+#: RSNA condition (train.csv / submission key) of each stream of the three series models
+STREAM_CONDITIONS: dict[str, str] = dict(
+    zip([s.name for s in (*RSNA_STREAMS, *RSNA_T1_STREAMS, *RSNA_AXIAL_STREAMS)], RSNA_CONDITIONS)
 )

@@ -3,6 +3,9 @@
 Accepted layouts: RSNA (``test_images/`` or ``train_images/`` with ``{study}/{series}/*.dcm`` and the
 series-descriptions CSV beside it), Tianchi (study folders mixing several series) and a single series
 or study folder holding DICOM files directly.
+
+:func:`find_full_studies` adds, for the RSNA layout, each study's Sagittal T1 and Axial T2 series (the
+study-level inference of ``configs/inference_study.json``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from typing import Any
 
 from bundle.errors import BundleInputError
 from bundle.io import read_header, select_sagittal_t2
-from bundle.io.series_selection import read_series_descriptions
-from bundle.skipping import skipped_item
+from bundle.io.axial import RSNA_AXIAL_T2
+from bundle.io.dicom_series import list_dicom_files
+from bundle.io.sagittal_t1 import RSNA_SAGITTAL_T1
+from bundle.io.series_selection import group_series, read_series_descriptions
+from bundle.skipping import SKIPPED_KEY, skipped_item
 
-__all__ = ["find_studies"]
+__all__ = ["find_studies", "find_full_studies", "STUDY_SERIES_KEY", "SERIES_TYPES"]
 
 logger = logging.getLogger(__name__)
 
@@ -121,4 +127,96 @@ def find_studies(dataset_dir: str | os.PathLike, on_error: str = "raise") -> lis
             studies.extend((child.name, child) for child in children)
     items = [_study_item(study_id, folder, None, on_error, rsna=False) for study_id, folder in studies]
     logger.info(f"found {len(items)} studies in {root}")
+    return items
+
+
+#: item key of :func:`find_full_studies` holding the study's other series (kept out of the batch collation)
+STUDY_SERIES_KEY = "study_series"
+#: the series types of a full study, one model each
+SERIES_TYPES = ("sagittal_t2", "sagittal_t1", "axial_t2")
+
+
+def _kind_from_headers(folder: Path) -> str | None:
+    """'sagittal_t1', 'axial_t2' or None for a series folder without a description: plane from the slice
+    normal, weighting from the header's SeriesDescription (:func:`bundle.io.series_selection.weighting`)."""
+    try:
+        series = list(group_series(list_dicom_files(folder)).values())
+    except BundleInputError as err:
+        logger.warning("series folder %s not classified: %s", folder, err)
+        return None
+    if len(series) != 1:
+        return None
+    info = series[0]
+    if info.plane == "sagittal" and info.weighting == "t1":
+        return "sagittal_t1"
+    if info.plane == "axial" and info.weighting == "t2":
+        return "axial_t2"
+    return None
+
+
+def _kind(folder: Path, descriptions: dict[str, str] | None) -> str | None:
+    """The series type of one RSNA series folder: from the descriptions CSV when it lists it, else headers."""
+    description = (descriptions or {}).get(folder.name)
+    if description is None:
+        return _kind_from_headers(folder)
+    text = description.strip().lower()
+    return {RSNA_SAGITTAL_T1.lower(): "sagittal_t1", RSNA_AXIAL_T2.lower(): "axial_t2"}.get(text)
+
+
+def _other_series(study_dir: Path, descriptions: dict[str, str] | None, where: str) -> dict[str, Any]:
+    """``{sagittal_t1, sagittal_t1_id, axial_t2, axial_t2_ids, missing}`` of one study folder.
+
+    Two or more Sagittal T1 series: the one with the most files (the widest left-right coverage, so both
+    foramen slabs lie inside it), the first in folder-name order on ties; the choice is logged.
+    """
+    folders = sorted(p for p in study_dir.iterdir() if p.is_dir()) if study_dir.is_dir() else []
+    kinds = {folder: _kind(folder, descriptions) for folder in folders}
+    t1 = [f for f, k in kinds.items() if k == "sagittal_t1"]
+    axial = [f for f, k in kinds.items() if k == "axial_t2"]
+    missing: dict[str, str] = {}
+    chosen = max(t1, key=lambda f: len(list(f.iterdir()))) if t1 else None  # max keeps the first on ties
+    if len(t1) > 1:
+        logger.info("study %s: %d Sagittal T1 series, using %s (most slices)", study_dir.name, len(t1), chosen.name)
+    if chosen is None:
+        missing["sagittal_t1"] = f"no {RSNA_SAGITTAL_T1} series in {where}"
+    if not axial:
+        missing["axial_t2"] = f"no {RSNA_AXIAL_T2} series in {where}"
+    return {
+        "sagittal_t1": str(chosen) if chosen else "",
+        "sagittal_t1_id": chosen.name if chosen else "",
+        "axial_t2": [str(f) for f in axial],
+        "axial_t2_ids": [f.name for f in axial],
+        "missing": missing,
+    }
+
+
+def find_full_studies(dataset_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Study-level inference items of an RSNA-layout folder, one per study, never raising for one study.
+
+    Each item is :func:`find_studies`'s (``image``: the sagittal T2 files, ``study_id``, ``series_id``; a study
+    without a usable sagittal T2 is a skipped item with its reason) plus ``item[STUDY_SERIES_KEY]`` =
+    ``{"sagittal_t1": folder | "", "sagittal_t1_id", "axial_t2": [folders], "axial_t2_ids": [...],
+    "sagittal_t2_files", "sagittal_t2_id", "missing": {series type: reason}}``. Series types come from
+    ``*_series_descriptions.csv`` ("Sagittal T1", "Axial T2") or, for a series folder it does not list (or without
+    the CSV), from the headers: plane from the slice normal, T1/T2 from the description. Rule for two Sagittal
+    T1 series: see :func:`_other_series`.
+
+    Raises:
+        BundleInputError: ``dataset_dir`` is not an RSNA-layout folder (no ``train_images``/``test_images``).
+    """
+    root = Path(dataset_dir)
+    image_dir = next((root / n for n in RSNA_IMAGE_DIRS if (root / n).is_dir()), None)
+    if image_dir is None:
+        raise BundleInputError(f"{root}: no {' or '.join(RSNA_IMAGE_DIRS)} folder (the RSNA layout) for a full study")
+    csv_path = root / f"{image_dir.name.split('_')[0]}_series_descriptions.csv"
+    descriptions = read_series_descriptions(csv_path) if csv_path.is_file() else None
+    where = csv_path.name if descriptions is not None else "the series headers"
+    items = []
+    for item in find_studies(root, on_error="skip"):
+        other = _other_series(image_dir / item["study_id"], descriptions, where)
+        if item.get(SKIPPED_KEY):
+            other["missing"] = {"sagittal_t2": str(item[SKIPPED_KEY]), **other["missing"]}
+        other["sagittal_t2_files"] = [] if item.get(SKIPPED_KEY) else list(item["image"])
+        other["sagittal_t2_id"] = str(item.get("series_id", ""))
+        items.append({**item, STUDY_SERIES_KEY: other})
     return items

@@ -113,8 +113,12 @@ def load_axial_slices(
     *,
     level: str | None = None,
     study_id: str | None = None,
+    stacks: Sequence[Sequence[SliceHeader]] | None = None,
 ) -> MetaTensor:
     """Read the ``num_slices`` axial slices nearest ``disc_mm`` from the given series folders.
+
+    ``stacks``: the folders' headers already read (:func:`read_axial_stacks`, same order), so that a study's
+    levels read them once.
 
     Returns:
         float32 MetaTensor (num_slices, rows, cols) with the 4x4 LPS affine of the nearest slice's geometry
@@ -126,7 +130,7 @@ def load_axial_slices(
         BundleInputError: unreadable series, mixed image shapes within the chosen block, or no slice covering
             ``disc_mm`` (the message names the folders and the point).
     """
-    stacks = read_axial_stacks(folders)
+    stacks = read_axial_stacks(folders) if stacks is None else stacks
     choice = nearest_axial_slices(stacks, disc_mm, num_slices)
     if choice is None:
         names = [os.fspath(f) for f in ([folders] if isinstance(folders, (str, os.PathLike)) else folders)]
@@ -147,7 +151,8 @@ def load_axial_slices(
 class LoadAxialSlicesd(SliceLoaderd):
     """``data[key]`` (axial series folder or folders) -> :func:`load_axial_slices` around ``data["disc_mm"]``.
 
-    ``data["level"]`` and ``data["study_id"]``, when present, go into the metadata.
+    ``data["level"]`` and ``data["study_id"]``, when present, go into the metadata; ``data["axial_stacks"]``,
+    when present, holds the folders' headers already read (it is removed from the item).
     """
 
     def __init__(self, keys: KeysCollection = "image", num_slices: int = 3, allow_missing_keys: bool = False) -> None:
@@ -155,6 +160,7 @@ class LoadAxialSlicesd(SliceLoaderd):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
+        stacks = d.pop("axial_stacks", None)
         for key in self.key_iterator(d):
             if d.get("disc_mm") is None:
                 raise BundleInputError(f"item of study {d.get('study_id')}: no 'disc_mm' to choose axial slices")
@@ -165,6 +171,7 @@ class LoadAxialSlicesd(SliceLoaderd):
                 self.num_slices,
                 level=None if level is None else str(level),
                 study_id=None if study is None else str(study),
+                stacks=stacks,  # type: ignore[arg-type]
             )
         return d
 
