@@ -397,16 +397,18 @@ def _packaged_app(copy: Path, *extra: str) -> Path:
 
 
 class _Server:
-    """``monailabel start_server`` on a free port of 127.0.0.1 serving the model ``spineone``; log in ``log``.
+    """``monailabel start_server`` on a free port of 127.0.0.1 serving ``models`` (``--conf models``); log in ``log``.
 
     ``app`` is the shipped app (serving its own bundle copy, as docs/README.md starts it) or, with
     ``monaibundle``, MONAI Label's sample app serving ``app/model/spineone``."""
 
-    def __init__(self, app: Path, studies: Path, log: Path, monaibundle: bool = False) -> None:
+    def __init__(
+        self, app: Path, studies: Path, log: Path, monaibundle: bool = False, models: str = "spineone"
+    ) -> None:
         self.base = f"http://127.0.0.1:{_free_port()}"
         self.log_path = log
         env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]'}
-        conf = ["models", "spineone"]
+        conf = ["models", models]
         if monaibundle:
             env["PYTHONPATH"] = str(app / "model" / "spineone")
             conf += ["zoo_source", "local", "sam2", "false", "skip_trainers", "true"]
@@ -562,5 +564,70 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
         detail = json.loads(error.value.read())["detail"]
         assert "empty series path" in detail and "requested image id is not in its datastore" in detail
         assert not (studies / "labels").exists() or not any((studies / "labels").rglob("no_such_study*"))
+    finally:
+        server.stop()
+
+
+def _label_volume(base: str, model: str, image: str, path: Path) -> np.ndarray:
+    """The label file of one /infer request (NIfTI) as an array."""
+    import nibabel as nib
+
+    path.write_bytes(_request(f"{base}/infer/{model}?image={image}&output=image", "POST"))
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.monailabel
+def test_monailabel_server_serves_the_sagittal_t1_and_axial_models(tmp_path, rsna_phantoms):
+    """The shipped app with ``--conf models all`` (small random networks): a T1 and an axial series get
+    keypoints of their streams and a label map; the axial one per block, or at the request's disc point."""
+    model_dir = tmp_path / "spineone"
+    app = _packaged_app(model_dir, "--no-weights")
+    config_path = model_dir / "configs" / "inference.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SMALL}, indent=4) + "\n")
+    for model in SERVED_MODELS:  # random weights where each served config's ckpt_dir puts them
+        parser = read_served_config(model_dir, model)
+        weights = model_dir / "models" / served_weights(parser, model_dir)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(parser.get_parsed_content("network_def#network").state_dict(), weights)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    t1 = _series_folders(rsna_phantoms, "Sagittal T1")[0]
+    axial = next(f for f in _series_folders(rsna_phantoms, "Axial T2") if len(axial_block_points_mm(f)) == 5)
+    shutil.copytree(t1, studies / "t1.series")
+    shutil.copytree(axial, studies / "axial.series")
+
+    server = _Server(app, studies, tmp_path / "server.log", models="all")
+    base = server.base
+    try:
+        info = server.wait_info()
+        assert info is not None, server.log()[-4000:]
+        assert list(info["models"]) == list(SERVED_MODELS), info["models"]
+
+        t1_streams = default_streams("rsna", "sagittal_t1")
+        result = json.loads(_request(f"{base}/infer/spineone_sagittal_t1?image=t1&output=json", "POST"))
+        assert result["label_values"] == label_values(t1_streams)
+        assert 1 <= len(result["keypoints"]) <= 10
+        assert all(p["stream"] in t1_streams and p["level"] in LEVELS for p in result["keypoints"])
+        middle = sort_series(read_slice_headers(list_dicom_files(t1)))
+        middle = middle.slices[middle.middle]
+        data = _label_volume(base, "spineone_sagittal_t1", "t1", tmp_path / "t1.nii.gz")
+        assert data.shape == (middle.rows, middle.cols, 1)
+        assert set(np.unique(data)) <= {0} | {p["value"] for p in result["keypoints"]}
+
+        ax_streams = default_streams("rsna", "axial_t2")
+        result = json.loads(_request(f"{base}/infer/spineone_axial_t2?image=axial&output=json", "POST"))
+        assert result["label_values"] == label_values(ax_streams)
+        np.testing.assert_allclose([b["point_mm"] for b in result["blocks"]], axial_block_points_mm(axial), atol=1e-6)
+        assert result["keypoints"] and all(0 <= p["block"] < 5 for p in result["keypoints"])
+        data = _label_volume(base, "spineone_axial_t2", "axial", tmp_path / "axial.nii.gz")
+        assert data.shape[2] == 5 and set(np.unique(data)) <= {0, 1, 2}
+        for p in result["keypoints"]:
+            assert data[round(p["y"]), round(p["x"]), p["block"]] == p["value"]
+
+        point = axial_block_points_mm(axial)[3]  # a disc point given with the request (params form field)
+        form = {"params": json.dumps({"disc_mm": [point]})}
+        result = json.loads(_request(f"{base}/infer/spineone_axial_t2?image=axial&output=json", "POST", form=form))
+        np.testing.assert_allclose([b["point_mm"] for b in result["blocks"]], [point], atol=1e-6)
     finally:
         server.stop()
