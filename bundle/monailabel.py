@@ -8,22 +8,53 @@ the JSON answer. The postprocessing is ``bundle.transforms.KeypointsDecoded`` (t
 path, writing ``data["keypoints"]``) followed by :class:`KeypointsToLabeld`. MONAI Label has no keypoint task
 type, so the bundle is served as a segmentation-type model whose label map marks each keypoint with a small disk.
 :func:`check_image_id` is the shipped app's (scripts/monailabel_app) check of a request's image id.
+
+The axial T2 model sees one disc level per image, so for one axial series (configs/inference_axial_t2.json)
+:class:`AxialBlocksd`, :class:`BlocksInferer` and :class:`BlockKeypointsToLabeld` run that pipeline once per
+parallel block of the series (or per disc point the request gives) and merge the answers.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from bundle.errors import MissingInputError
+from bundle.errors import BundleInputError, MissingInputError
+from bundle.io.axial import block_centre_mm, parallel_blocks
+from bundle.io.dicom_series import list_dicom_files, read_slice_headers
 from bundle.outputs import keypoint_record
 from bundle.streams import StreamSpec, parse_streams
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
+from monai.inferers import Inferer
 from monai.transforms import MapTransform
 
-__all__ = ["KeypointsToLabeld", "check_image_id", "label_values"]
+__all__ = [
+    "SERVED_MODELS",
+    "AxialBlocksd",
+    "BlockKeypointsToLabeld",
+    "BlocksInferer",
+    "KeypointsToLabeld",
+    "axial_block_points_mm",
+    "check_image_id",
+    "label_values",
+    "read_served_config",
+    "served_keys",
+    "served_weights",
+]
+
+#: MONAI Label model name -> override file merged after configs/inference.json (None: inference.json alone)
+SERVED_MODELS: dict[str, str | None] = {
+    "spineone": None,
+    "spineone_sagittal_t1": "inference_sagittal_t1.json",
+    "spineone_axial_t2": "inference_axial_t2.json",
+}
+#: config keys MONAI Label reads (BundleConstants) and the served variant used instead when a config has it
+_SERVED_KEYS = {key: f"monailabel_{key}" for key in ("preprocessing", "inferer", "postprocessing")}
 
 # LPS <-> RAS: MONAI Label's writer takes a RAS affine (it flips the first two axes for ITK itself).
 _LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -42,6 +73,32 @@ def label_values(streams: Mapping[str, Mapping] | Sequence[StreamSpec]) -> dict[
             values[f"{spec.name}/{level}"] = value
             value += 1
     return values
+
+
+def read_served_config(bundle_root: str | os.PathLike, model: str) -> ConfigParser:
+    """The config MONAI Label serves ``model`` (a :data:`SERVED_MODELS` name) with: ``configs/inference.json``
+    merged with the model's override file, ``bundle_root`` set to ``bundle_root``."""
+    if model not in SERVED_MODELS:
+        raise ValueError(f"unknown model {model!r}; the bundle serves {', '.join(SERVED_MODELS)}")
+    configs = Path(bundle_root) / "configs"
+    files = [configs / "inference.json"] + ([configs / SERVED_MODELS[model]] if SERVED_MODELS[model] else [])
+    parser = ConfigParser()
+    parser.read_config([os.fspath(f) for f in files])
+    parser["bundle_root"] = os.fspath(bundle_root)
+    return parser
+
+
+def served_weights(parser: ConfigParser, bundle_root: str | os.PathLike) -> str:
+    """The weights file of a served config relative to ``bundle_root/models`` (``ckpt_dir``/model.pt):
+    ``model.pt``, ``sagittal_t1/model.pt``, ``axial_t2/model.pt``."""
+    ckpt = Path(parser.get_parsed_content("ckpt_dir")) / "model.pt"
+    return os.path.relpath(ckpt, Path(bundle_root) / "models")
+
+
+def served_keys(parser: ConfigParser) -> dict[str, str]:
+    """Config key of each of ``preprocessing``, ``inferer``, ``postprocessing`` that MONAI Label reads: its
+    ``monailabel_`` variant where the config has one (the axial model's per-block pipeline), else itself."""
+    return {key: served if parser.get(served) is not None else key for key, served in _SERVED_KEYS.items()}
 
 
 def check_image_id(image_id: str, images: Sequence[str], datastore: str, shown: int = 5) -> None:
@@ -153,3 +210,133 @@ class KeypointsToLabeld(MapTransform):
             inside = ((ii - point["y"]) * spacing[0]) ** 2 + ((jj - point["x"]) * spacing[1]) ** 2 <= self.disk_mm**2
             label[inside] = point["value"]
         return label
+
+
+def axial_block_points_mm(source: str | Sequence[str]) -> list[list[float]]:
+    """Patient mm [x, y, z] of each parallel block's centre slice centre of one axial series (folder or files),
+    cranial first (:func:`bundle.io.axial.parallel_blocks`): per-level stacks give one point per stack."""
+    headers = read_slice_headers(list_dicom_files(source))
+    return [[float(v) for v in block_centre_mm(b)] for b in parallel_blocks(headers)]
+
+
+class AxialBlocksd(MapTransform):
+    """One axial series -> one preprocessed image per block (MONAI Label's axial preprocessing).
+
+    ``data[points_key]`` (a list of [x, y, z] patient-mm points, e.g. the sagittal T2 model's disc keypoints'
+    ``position_mm``) when the request gives it, else :func:`axial_block_points_mm` of the series. For each
+    point, ``preprocessing`` (the per-level pipeline starting with ``LoadAxialSlicesd``) runs on
+    ``{key: series, "disc_mm": point}``. ``data[key]`` becomes the float32 MetaTensor (B, C, H, W) of the B
+    preprocessed images (block 0's metadata), ``data[blocks_key]`` the list of them (each with its own affine),
+    ``data[points_key]`` the B points (mm).
+    """
+
+    def __init__(
+        self, keys: str = "image", preprocessing: Any = None, points_key: str = "disc_mm", blocks_key: str = "blocks"
+    ) -> None:
+        super().__init__(keys)
+        if not callable(preprocessing):
+            raise ValueError("preprocessing must be the per-level pipeline (the config's @preprocessing)")
+        self.preprocessing = preprocessing
+        self.points_key = points_key
+        self.blocks_key = blocks_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            points = d.get(self.points_key)
+            if points is None:
+                points = axial_block_points_mm(d[key])
+            points = np.asarray(points, dtype=np.float64)
+            if points.ndim != 2 or points.shape[1:] != (3,) or not len(points) or not np.isfinite(points).all():
+                raise BundleInputError(
+                    f"{self.points_key} must be a list of [x, y, z] mm points, got {points.tolist()}"
+                )
+            blocks = [self.preprocessing({key: d[key], "disc_mm": p.tolist()})[key] for p in points]
+            if len({tuple(b.shape) for b in blocks}) > 1:
+                raise BundleInputError(
+                    f"axial blocks of {d[key]} differ in preprocessed shape: {[b.shape for b in blocks]}"
+                )
+            d[key] = MetaTensor(torch.stack([b.as_tensor() for b in blocks]), meta=dict(blocks[0].meta))
+            d[self.blocks_key] = blocks
+            d[self.points_key] = points.tolist()
+        return d
+
+
+class BlocksInferer(Inferer):
+    """``inferer`` on the blocks of one item: (1, B, C, H, W) (MONAI Label's batch axis added to
+    :class:`AxialBlocksd`'s image) -> (1, B, K, h, w); a (N, C, H, W) batch is passed through as it is."""
+
+    def __init__(self, inferer: Inferer) -> None:
+        self.inferer = inferer
+
+    def __call__(self, inputs: torch.Tensor, network: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if inputs.ndim == 4:
+            return self.inferer(inputs, network, *args, **kwargs)
+        if inputs.ndim != 5 or inputs.shape[0] != 1:
+            raise ValueError(f"expected (1, B, C, H, W) blocks or a (N, C, H, W) batch, got {tuple(inputs.shape)}")
+        return self.inferer(inputs[0], network, *args, **kwargs)[None]
+
+
+class BlockKeypointsToLabeld(MapTransform):
+    """``decode`` then ``to_label`` (KeypointsDecoded, :class:`KeypointsToLabeld`) on each block, merged.
+
+    ``data[keys]`` (B, K, h, w) network outputs and ``data[blocks_key]`` (:class:`AxialBlocksd`) in;
+    ``data["result"]["keypoints"]`` all blocks' keypoints (each with ``block``, 0 = most cranial, and its
+    ``instance_number``), ``data["result"]["blocks"]`` per block ``{block, point_mm, instance_number,
+    affine}`` (the 4x4 RAS affine of its centre slice) and ``data[keys]`` the label map (1, rows, cols, B):
+    plane b is block b's centre slice. Its affine is block 0's, with k stepping by the mean move between the
+    centre slices: exact for one block or evenly spaced parallel ones; tilted per-level blocks are exact on
+    plane 0 only (the JSON's ``position_mm`` and ``blocks[b]["affine"]`` are exact for every block).
+    """
+
+    def __init__(
+        self,
+        keys: str = "pred",
+        decode: Any = None,
+        to_label: KeypointsToLabeld | None = None,
+        image_key: str = "image",
+        blocks_key: str = "blocks",
+        points_key: str = "disc_mm",
+    ) -> None:
+        super().__init__(keys)
+        if not callable(decode) or not isinstance(to_label, KeypointsToLabeld):
+            raise ValueError("decode (bundle.KeypointsDecoded) and to_label (KeypointsToLabeld) must be given")
+        self.decode, self.to_label = decode, to_label
+        self.image_key, self.blocks_key, self.points_key = image_key, blocks_key, points_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        blocks = d.pop(self.blocks_key)
+        points_mm = d.get(self.points_key) or [None] * len(blocks)
+        for key in self.key_iterator(d):
+            keypoints, labels, infos = [], [], []
+            for b, (image, pred) in enumerate(zip(blocks, d[key])):
+                out = self.to_label(self.decode({self.image_key: image, key: pred}))
+                keypoints += [{**p, "block": b} for p in out["result"]["keypoints"]]
+                labels.append(out[key].as_tensor()[0, :, :, 0])
+                affine = np.asarray(out[self.image_key].meta["original_affine"], dtype=np.float64)  # RAS
+                infos.append(
+                    {
+                        "block": b,
+                        "point_mm": points_mm[b],
+                        "instance_number": int(image.meta.get("middle_instance_number", 0)),
+                        "affine": affine.tolist(),
+                    }
+                )
+            if len({tuple(lab.shape) for lab in labels}) > 1:
+                raise BundleInputError(f"axial blocks differ in image size: {[tuple(lab.shape) for lab in labels]}")
+            affine = np.asarray(infos[0]["affine"])
+            if len(infos) > 1:
+                affine[:3, 2] = (np.asarray(infos[-1]["affine"])[:3, 3] - affine[:3, 3]) / (len(infos) - 1)
+            d[key] = MetaTensor(torch.stack(labels, dim=-1)[None], affine=torch.from_numpy(affine))
+            d["result"] = {
+                **dict(d.get("result") or {}),
+                "keypoints": keypoints,
+                "label_values": dict(self.to_label.values),
+                "blocks": infos,
+            }
+            meta = d[self.image_key].meta  # MONAI Label's Restored and writer read these (KeypointsToLabeld)
+            meta["spatial_shape"] = np.array([*labels[0].shape, len(labels)], dtype=np.int64)
+            meta["original_affine"] = affine
+        d.setdefault("result_extension", self.to_label.result_extension)
+        return d

@@ -1,5 +1,6 @@
-"""MONAI Label postprocessing and image-id check (default run) and a real MONAI Label 0.8.5 server (opt-in, marker
-``monailabel``) with the shipped app (scripts/monailabel_app) and with MONAI Label's ``monaibundle`` sample app.
+"""MONAI Label postprocessing and image-id check, and the served sagittal T1 / axial T2 pipelines run as MONAI
+Label runs them (default run), then a real MONAI Label 0.8.5 server (opt-in, marker ``monailabel``) with the
+shipped app (scripts/monailabel_app, all three models) and with MONAI Label's ``monaibundle`` sample app.
 
 The server tests run the server with ``SPINEONE_MONAILABEL_PYTHON`` (default: this interpreter), which must
 have requirements-monailabel.txt installed; pytest itself runs in the bundle's environment (requirements-dev.txt)
@@ -25,9 +26,24 @@ import numpy as np
 import pytest
 import torch
 from bundle.codec import OCPCCodec
-from bundle.errors import MissingInputError
-from bundle.monailabel import KeypointsToLabeld, check_image_id, label_values
+from bundle.errors import BundleInputError, MissingInputError
+from bundle.io.axial import parallel_blocks
+from bundle.io.dicom_series import list_dicom_files, pixel_to_patient, read_slice_headers, sort_series
+from bundle.io.rsna import read_rsna_series
+from bundle.monailabel import (
+    SERVED_MODELS,
+    KeypointsToLabeld,
+    axial_block_points_mm,
+    check_image_id,
+    label_values,
+    read_served_config,
+    served_keys,
+    served_weights,
+)
+from bundle.rsna_labels import LEVELS
 from bundle.transforms import KeypointsDecoded
+from bundle.workflow import default_streams
+from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose
 from stream_fixtures import streams
@@ -155,6 +171,162 @@ def test_shipped_app_is_found_by_monai_label():
     assert {"init_infers", "infer"} <= methods
 
 
+# ---------------------------------------------------------------- served sagittal T1 and axial T2 models
+
+#: small network and grid for CPU tests (the server tests write the same into the copy's inference.json)
+SMALL = {"backbone_depth": 18, "input_size": 128, "pixdim": 1.0, "device": "$torch.device('cpu')"}
+SERIES_OF = {"spineone_sagittal_t1": "Sagittal T1", "spineone_axial_t2": "Axial T2"}
+
+
+@pytest.fixture(scope="module")
+def rsna_phantoms(tmp_path_factory) -> Path:
+    """Three small RSNA-layout phantom studies (seed 3: one axial series is one stack, two are per-level stacks)."""
+    from bundle.phantoms import generate_phantoms
+
+    root = tmp_path_factory.mktemp("ml") / "rsna"
+    return generate_phantoms(root, "rsna", studies=3, seed=3, min_size=64, max_size=96)
+
+
+def _series_folders(root: Path, description: str) -> list[Path]:
+    listed = read_rsna_series(root / "train_series_descriptions.csv")
+    return [root / "train_images" / st / sid for st, rows in listed.items() for sid, d in rows if d == description]
+
+
+def _served_small(model: str, weights_dir: Path) -> ConfigParser:
+    """``model``'s served config with :data:`SMALL` sizes and seeded random weights in ``weights_dir``."""
+    parser = read_served_config(ROOT, model)
+    for key, value in {**SMALL, "ckpt_dir": str(weights_dir)}.items():
+        parser[key] = value
+    weights_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(parser.get_parsed_content("network_def#network").state_dict(), weights_dir / "model.pt")
+    return parser
+
+
+def _serve(parser: ConfigParser, request: dict) -> tuple[dict, dict]:
+    """(preprocessed item, answer) as MONAI Label's BundleInferTask runs a request: the served preprocessing's
+    transforms one by one, the inferer on the image with a batch axis added and removed, the postprocessing's."""
+    keys = served_keys(parser)
+    pre, inferer, post = (parser.get_parsed_content(keys[k]) for k in ("preprocessing", "inferer", "postprocessing"))
+    network = parser.get_parsed_content("network_def").eval()
+    data = dict(request)
+    for transform in pre.transforms:
+        data = transform(data)
+    with torch.no_grad():
+        out = {**data, "pred": inferer(data["image"][None], network)[0]}
+    for transform in post.transforms:
+        out = transform(out)
+    return data, out
+
+
+def _check_label_map(out: dict, planes: int) -> np.ndarray:
+    """The answer's label map (rows, cols, planes) fits MONAI Label's Restored as is and holds each keypoint's
+    value at its pixel (plane ``block`` for axial keypoints)."""
+    label, result = out["pred"], out["result"]
+    assert label.dtype == torch.uint8 and label.shape[0] == 1 and label.shape[-1] == planes
+    assert list(out["image"].meta["spatial_shape"]) == list(label.shape[1:])
+    lab = label[0].numpy()
+    assert set(np.unique(lab)) <= {0} | set(result["label_values"].values())
+    for p in result["keypoints"]:
+        assert p["value"] == result["label_values"][f"{p['stream']}/{p['level']}"]
+        assert lab[round(p["y"]), round(p["x"]), p.get("block", 0)] == p["value"]
+    json.dumps(result)
+    return lab
+
+
+def test_served_models_and_their_weights():
+    assert list(SERVED_MODELS) == ["spineone", "spineone_sagittal_t1", "spineone_axial_t2"]
+    weights = {m: served_weights(read_served_config(ROOT, m), ROOT) for m in SERVED_MODELS}
+    assert weights == {
+        "spineone": "model.pt",
+        "spineone_sagittal_t1": os.path.join("sagittal_t1", "model.pt"),
+        "spineone_axial_t2": os.path.join("axial_t2", "model.pt"),
+    }
+    spinal = read_served_config(ROOT, "spineone")
+    shipped = ConfigParser.load_config_file(ROOT / "configs" / "inference.json")
+    assert {k: v for k, v in spinal.config.items() if k != "_meta_"} == {**shipped, "bundle_root": str(ROOT)}
+    assert served_keys(spinal) == {k: k for k in ("preprocessing", "inferer", "postprocessing")}
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        read_served_config(ROOT, "nope")
+
+
+def test_served_sagittal_t1_labels_a_t1_series(rsna_phantoms, tmp_path):
+    parser = _served_small("spineone_sagittal_t1", tmp_path / "w")
+    assert served_keys(parser)["preprocessing"] == "preprocessing"
+    streams = default_streams("rsna", "sagittal_t1")
+    for folder in _series_folders(rsna_phantoms, "Sagittal T1"):
+        data, out = _serve(parser, {"image": str(folder)})
+        assert tuple(data["image"].shape) == (6, 128, 128)  # left slab, right slab of 3 slices
+        series = sort_series(read_slice_headers(list_dicom_files(folder)))
+        middle = series.slices[series.middle]
+        # no canal points in the request: the canal is the middle slice's centre (documented fallback)
+        centre = pixel_to_patient(middle, 0.5 * (middle.cols - 1), 0.5 * (middle.rows - 1))
+        assert data["image"].meta["canal_x_mm"] == pytest.approx(centre[0])
+        result = out["result"]
+        assert result["label_values"] == label_values(streams) and len(result["label_values"]) == 10
+        assert 1 <= len(result["keypoints"]) <= 10
+        for p in result["keypoints"]:
+            assert p["stream"] in streams and p["level"] in LEVELS
+            assert p["instance_number"] == middle.instance_number
+        lab = _check_label_map(out, planes=1)
+        assert lab.shape[:2] == (middle.rows, middle.cols)
+        np.testing.assert_allclose(out["image"].meta["original_affine"], out["pred"].affine.numpy())
+    # canal points given with the request (e.g. the sagittal T2 model's answer) move both slabs with them
+    shifted = [[float(centre[0]) + 6.0, float(centre[1]), float(centre[2])]] * 5
+    data, _ = _serve(parser, {"image": str(folder), "canal_mm": shifted})
+    assert data["image"].meta["canal_x_mm"] == pytest.approx(centre[0] + 6.0)
+
+
+def test_axial_blocks_of_one_stack_and_of_per_level_stacks(rsna_phantoms):
+    counts = []
+    for folder in _series_folders(rsna_phantoms, "Axial T2"):
+        headers = read_slice_headers(list_dicom_files(folder))
+        blocks = parallel_blocks(headers)
+        assert sorted(h.instance_number for b in blocks for h in b) == sorted(h.instance_number for h in headers)
+        for block in blocks:  # parallel planes, sorted along their normal
+            assert all(abs(float(h.normal @ block[0].normal)) > 0.9999 for h in block)
+            offsets = [float(h.position @ block[0].normal) for h in block]
+            assert offsets == sorted(offsets)
+        points = axial_block_points_mm(folder)
+        assert len(points) == len(blocks)
+        assert [p[2] for p in points] == sorted((p[2] for p in points), reverse=True)  # cranial first
+        counts.append(len(blocks))
+    assert sorted(counts) == [1, 5, 5]  # one stack through all levels; per-level stacks, one per disc
+
+
+def test_served_axial_t2_labels_each_block(rsna_phantoms, tmp_path):
+    parser = _served_small("spineone_axial_t2", tmp_path / "w")
+    assert served_keys(parser) == {k: f"monailabel_{k}" for k in ("preprocessing", "inferer", "postprocessing")}
+    streams = default_streams("rsna", "axial_t2")
+    folder = next(f for f in _series_folders(rsna_phantoms, "Axial T2") if len(axial_block_points_mm(f)) == 5)
+    data, out = _serve(parser, {"image": str(folder)})
+    assert tuple(data["image"].shape) == (5, 3, 128, 128)
+    result = out["result"]
+    assert result["label_values"] == label_values(streams) and len(result["label_values"]) == 2
+    blocks = result["blocks"]
+    assert [b["block"] for b in blocks] == list(range(5))
+    assert [b["point_mm"] for b in blocks] == axial_block_points_mm(folder)
+    assert len({b["instance_number"] for b in blocks}) == 5
+    assert 1 <= len(result["keypoints"])
+    for p in result["keypoints"]:
+        assert p["stream"] in streams and p["instance_number"] == blocks[p["block"]]["instance_number"]
+        # position_mm lies on its block's centre slice: RAS affine of that plane, k = 0
+        ras = np.asarray(blocks[p["block"]]["affine"])
+        index = np.linalg.inv(LPS_TO_RAS @ ras) @ [*p["position_mm"], 1.0]
+        np.testing.assert_allclose(index[:3], [p["y"], p["x"], 0.0], atol=1e-3)
+    _check_label_map(out, planes=5)
+    np.testing.assert_allclose(out["image"].meta["original_affine"][:3, 3], np.asarray(blocks[0]["affine"])[:3, 3])
+
+    # the request's disc points (e.g. the sagittal T2 model's position_mm) replace the block centres
+    one = axial_block_points_mm(folder)[2]
+    data, out = _serve(parser, {"image": str(folder), "disc_mm": [one]})
+    assert tuple(data["image"].shape) == (1, 3, 128, 128)
+    assert [b["instance_number"] for b in out["result"]["blocks"]] == [blocks[2]["instance_number"]]
+    _check_label_map(out, planes=1)
+    with pytest.raises(BundleInputError, match="disc_mm must be a list of"):
+        _serve(parser, {"image": str(folder), "disc_mm": [1.0, 2.0]})
+
+
 # ---------------------------------------------------------------- MONAI Label server (opt-in)
 
 SERVER_WAIT_S = 240  # bounded start-up wait (about 30-60 s on 2 CPU cores)
@@ -225,16 +397,18 @@ def _packaged_app(copy: Path, *extra: str) -> Path:
 
 
 class _Server:
-    """``monailabel start_server`` on a free port of 127.0.0.1 serving the model ``spineone``; log in ``log``.
+    """``monailabel start_server`` on a free port of 127.0.0.1 serving ``models`` (``--conf models``); log in ``log``.
 
     ``app`` is the shipped app (serving its own bundle copy, as docs/README.md starts it) or, with
     ``monaibundle``, MONAI Label's sample app serving ``app/model/spineone``."""
 
-    def __init__(self, app: Path, studies: Path, log: Path, monaibundle: bool = False) -> None:
+    def __init__(
+        self, app: Path, studies: Path, log: Path, monaibundle: bool = False, models: str = "spineone"
+    ) -> None:
         self.base = f"http://127.0.0.1:{_free_port()}"
         self.log_path = log
         env = {**os.environ, "MONAI_LABEL_DATASTORE_FILE_EXT": '["*.series"]'}
-        conf = ["models", "spineone"]
+        conf = ["models", models]
         if monaibundle:
             env["PYTHONPATH"] = str(app / "model" / "spineone")
             conf += ["zoo_source", "local", "sam2", "false", "skip_trainers", "true"]
@@ -390,5 +564,70 @@ def test_monailabel_serves_the_packaged_demo_as_it_is(tmp_path):
         detail = json.loads(error.value.read())["detail"]
         assert "empty series path" in detail and "requested image id is not in its datastore" in detail
         assert not (studies / "labels").exists() or not any((studies / "labels").rglob("no_such_study*"))
+    finally:
+        server.stop()
+
+
+def _label_volume(base: str, model: str, image: str, path: Path) -> np.ndarray:
+    """The label file of one /infer request (NIfTI) as an array."""
+    import nibabel as nib
+
+    path.write_bytes(_request(f"{base}/infer/{model}?image={image}&output=image", "POST"))
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+@pytest.mark.monailabel
+def test_monailabel_server_serves_the_sagittal_t1_and_axial_models(tmp_path, rsna_phantoms):
+    """The shipped app with ``--conf models all`` (small random networks): a T1 and an axial series get
+    keypoints of their streams and a label map; the axial one per block, or at the request's disc point."""
+    model_dir = tmp_path / "spineone"
+    app = _packaged_app(model_dir, "--no-weights")
+    config_path = model_dir / "configs" / "inference.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), **SMALL}, indent=4) + "\n")
+    for model in SERVED_MODELS:  # random weights where each served config's ckpt_dir puts them
+        parser = read_served_config(model_dir, model)
+        weights = model_dir / "models" / served_weights(parser, model_dir)
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(0)
+        torch.save(parser.get_parsed_content("network_def#network").state_dict(), weights)
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    t1 = _series_folders(rsna_phantoms, "Sagittal T1")[0]
+    axial = next(f for f in _series_folders(rsna_phantoms, "Axial T2") if len(axial_block_points_mm(f)) == 5)
+    shutil.copytree(t1, studies / "t1.series")
+    shutil.copytree(axial, studies / "axial.series")
+
+    server = _Server(app, studies, tmp_path / "server.log", models="all")
+    base = server.base
+    try:
+        info = server.wait_info()
+        assert info is not None, server.log()[-4000:]
+        assert list(info["models"]) == list(SERVED_MODELS), info["models"]
+
+        t1_streams = default_streams("rsna", "sagittal_t1")
+        result = json.loads(_request(f"{base}/infer/spineone_sagittal_t1?image=t1&output=json", "POST"))
+        assert result["label_values"] == label_values(t1_streams)
+        assert 1 <= len(result["keypoints"]) <= 10
+        assert all(p["stream"] in t1_streams and p["level"] in LEVELS for p in result["keypoints"])
+        middle = sort_series(read_slice_headers(list_dicom_files(t1)))
+        middle = middle.slices[middle.middle]
+        data = _label_volume(base, "spineone_sagittal_t1", "t1", tmp_path / "t1.nii.gz")
+        assert data.shape == (middle.rows, middle.cols, 1)
+        assert set(np.unique(data)) <= {0} | {p["value"] for p in result["keypoints"]}
+
+        ax_streams = default_streams("rsna", "axial_t2")
+        result = json.loads(_request(f"{base}/infer/spineone_axial_t2?image=axial&output=json", "POST"))
+        assert result["label_values"] == label_values(ax_streams)
+        np.testing.assert_allclose([b["point_mm"] for b in result["blocks"]], axial_block_points_mm(axial), atol=1e-6)
+        assert result["keypoints"] and all(0 <= p["block"] < 5 for p in result["keypoints"])
+        data = _label_volume(base, "spineone_axial_t2", "axial", tmp_path / "axial.nii.gz")
+        assert data.shape[2] == 5 and set(np.unique(data)) <= {0, 1, 2}
+        for p in result["keypoints"]:
+            assert data[round(p["y"]), round(p["x"]), p["block"]] == p["value"]
+
+        point = axial_block_points_mm(axial)[3]  # a disc point given with the request (params form field)
+        form = {"params": json.dumps({"disc_mm": [point]})}
+        result = json.loads(_request(f"{base}/infer/spineone_axial_t2?image=axial&output=json", "POST", form=form))
+        np.testing.assert_allclose([b["point_mm"] for b in result["blocks"]], [point], atol=1e-6)
     finally:
         server.stop()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import SliceHeader, list_dicom_files, patient_to_pixel, read_slice_headers
+from bundle.io.dicom_series import SliceHeader, list_dicom_files, patient_to_pixel, pixel_to_patient, read_slice_headers
 from bundle.io.rsna import instance_point_mm, read_rsna_condition_labels, read_rsna_series
 from bundle.io.slices import SliceLoaderd, slices_tensor
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
@@ -30,6 +30,8 @@ __all__ = [
     "AxialSlices",
     "read_axial_stacks",
     "nearest_axial_slices",
+    "parallel_blocks",
+    "block_centre_mm",
     "load_axial_slices",
     "LoadAxialSlicesd",
     "build_rsna_axial_datalist",
@@ -95,6 +97,41 @@ def nearest_axial_slices(
     if abs(patient_to_pixel(centre, point)[2]) > slab:  # beyond the stack's ends: no slice shows the point
         return None
     return AxialSlices(s, centre, picked, patient_to_pixel(centre, point)[2], spacing)
+
+
+def parallel_blocks(stack: Sequence[SliceHeader], gap_factor: float = 2.0) -> list[list[SliceHeader]]:
+    """The slices of one series split into blocks: parallel planes (|cos| of the normals >= 0.9999) with no gap
+    wider than ``gap_factor`` times the block's median gap (mm, along its normal), each sorted along its normal.
+
+    Per-level stacks tilted along each disc give one block per stack; one stack through all levels gives one.
+    Blocks are returned cranial first (descending patient z of their centre slice, LPS).
+    """
+    groups: list[list[SliceHeader]] = []
+    for h in stack:
+        group = next((g for g in groups if abs(float(h.normal @ g[0].normal)) >= _PARALLEL), None)
+        if group is None:
+            groups.append([h])
+        else:
+            group.append(h)
+    blocks = []
+    for group in groups:
+        normal = group[0].normal
+        group = sorted(group, key=lambda h: float(h.position @ normal))
+        gaps = np.diff([float(h.position @ normal) for h in group])
+        limit = gap_factor * float(np.median(gaps)) if gaps.size else 0.0
+        start = 0
+        for i, gap in enumerate(gaps, start=1):
+            if gap > limit > 0:
+                blocks.append(group[start:i])
+                start = i
+        blocks.append(group[start:])
+    return sorted(blocks, key=lambda b: -float(block_centre_mm(b)[2]))
+
+
+def block_centre_mm(block: Sequence[SliceHeader]) -> np.ndarray:
+    """Patient mm (3,) of the image centre of a block's centre slice (index ``(n - 1) // 2`` in the given order)."""
+    centre = block[(len(block) - 1) // 2]
+    return pixel_to_patient(centre, 0.5 * (centre.cols - 1), 0.5 * (centre.rows - 1))
 
 
 def read_axial_stacks(folders: str | os.PathLike | Sequence[str | os.PathLike]) -> list[list[SliceHeader]]:
