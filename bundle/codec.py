@@ -30,7 +30,16 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from bundle.decoding import hough_voting, pick_peaks, refine_peaks
+from bundle.decoding import (
+    PATCH_HALF,
+    bilinear_at,
+    hough_voting,
+    landing_reach,
+    max_filter,
+    pick_peaks,
+    refine_peaks,
+    splat_points,
+)
 from bundle.levels import assign_levels
 from bundle.streams import StreamSpec, parse_streams, split_output, stream_channels
 
@@ -250,6 +259,9 @@ class OCPCCodec:
             (plus 4), so that missed and extra structures can be told apart.
         level_spacing_mm: expected distance between neighbouring levels (adult lumbar discs ~35 mm); the
             level assignment fits each study's spacing from 0.6 to 1.65 times this.
+        window_search: when the target grid is finer than the network grid, find the candidates on a Hough map
+            voted on the network grid and vote on the target grid only in a window around each (the votes that
+            can land there; exact there, see :meth:`decode`); False: vote on the whole target grid.
 
     Example:
         >>> codec = OCPCCodec({"disc": {"levels": ["a", "b"], "classes": ["n", "d"]}}, 2.0, 1, 1)
@@ -271,6 +283,7 @@ class OCPCCodec:
         nms_kernel: int = 3,
         candidates: int = 2,
         level_spacing_mm: float = 35.0,
+        window_search: bool = True,
     ) -> None:
         self.streams = parse_streams(streams)
         if network_stride is None:
@@ -292,6 +305,7 @@ class OCPCCodec:
         self.nms_kernel = int(nms_kernel)
         self.candidates = int(candidates)
         self.level_spacing_mm = float(level_spacing_mm)
+        self.window_search = bool(window_search)
 
     def __repr__(self) -> str:
         names = {s.name: (len(s.levels), len(s.classes)) for s in self.streams}
@@ -388,37 +402,103 @@ class OCPCCodec:
         batch = int(output.shape[0])
         aff = as_affine(affine, batch) if affine is not None else None
         out: list[dict[str, list[dict]]] = [{} for _ in range(batch)]
+        windowed = self.window_search and self.upsample > 1 and self.upsample == int(self.upsample)
         for spec in self.streams:
             # NCHW: a channels_last output (bundle.InferenceOptimizer) makes upsampling and voting walk strided memory
             logits, offsets, level = (t.float().contiguous() for t in parts[spec.name])
-            if self.upsample != 1:  # one pass over logits and offsets; the level map is read at the candidates only
-                both = torch.cat([logits, offsets], dim=1)
-                both = F.interpolate(both, scale_factor=self.upsample, mode="bilinear", align_corners=False)
-                logits, offsets = both[:, : spec.num_classes], both[:, spec.num_classes :]
-            hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
-            best, total = hough.amax(dim=1), hough.sum(dim=1)
-            for bi in range(batch):
-                maps = (hough[bi], best[bi], total[bi], level[bi, 0].cpu())
-                found = self._candidates(spec, *maps, None if aff is None else aff[bi])
+            if windowed:  # small maps: on the CPU
+                logits, offsets = logits.cpu(), offsets.cpu()
+                peaks = [self._window_peaks(spec, logits[bi], offsets[bi]) for bi in range(batch)]
+            else:
+                peaks = self._grid_peaks(spec, logits, offsets)
+            for bi, (at, scores, xy) in enumerate(peaks):
+                found = self._candidates(spec, at, scores, xy, level[bi, 0].cpu(), None if aff is None else aff[bi])
                 out[bi][spec.name] = self._name_levels(spec, found, aff is not None)
         return out
+
+    def _grid_peaks(
+        self, spec: StreamSpec, logits: torch.Tensor, offsets: torch.Tensor
+    ) -> list[tuple[list[tuple[int, int]], torch.Tensor, np.ndarray]]:
+        """Per image of logits (B, C, h, w) and offsets (B, 2C, h, w) on the network grid: the peaks (row, col)
+        of the Hough maps voted on the whole target grid, their class scores (K, C) and refined target-grid
+        (x, y) (K, 2), in descending score."""
+        if self.upsample != 1:  # one pass over logits and offsets; the level map is read at the candidates only
+            both = torch.cat([logits, offsets], dim=1)
+            both = F.interpolate(both, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+            logits, offsets = both[:, : spec.num_classes], both[:, spec.num_classes :]
+        hough = hough_voting(torch.sigmoid(logits), offsets, self.radius).cpu()  # (B, C, Ht, Wt)
+        best, total = hough.amax(dim=1), hough.sum(dim=1)
+        result = []
+        for bi in range(hough.shape[0]):
+            peaks = pick_peaks(best[bi], self.candidates * spec.num_levels + 4, self.nms_kernel)
+            at = torch.tensor(peaks, dtype=torch.int64).view(-1, 2)
+            result.append((peaks, hough[bi][:, at[:, 0], at[:, 1]].double().T, refine_peaks(total[bi], peaks)))
+        return result
+
+    def _window_peaks(
+        self, spec: StreamSpec, logits: torch.Tensor, offsets: torch.Tensor
+    ) -> tuple[list[tuple[int, int]], torch.Tensor, np.ndarray]:
+        """:meth:`_grid_peaks` of one image (logits (C, h, w), offsets (2C, h, w)) by window search.
+
+        The candidates are the peaks of the Hough maps voted on the network grid. Around each, a window of
+        the target grid (the target pixels of network pixels r - 1 .. r + 1, c - 1 .. c + 1, the core, plus
+        the NMS half-width and the refinement's reach) gets its exact target-grid Hough maps: only the network
+        pixels whose target pixels' votes can land in a window (:func:`bundle.decoding.landing_reach`) are
+        upsampled (:func:`bundle.decoding.bilinear_at`) and vote (:func:`bundle.decoding.splat_points`). A
+        window's candidate is the best local maximum in its core, as on the whole target grid.
+        """
+        up, c = int(self.upsample), spec.num_classes
+        h, w = logits.shape[1:]
+        coarse = hough_voting(torch.sigmoid(logits)[None], offsets[None] / up, self.radius / up)[0]
+        found = pick_peaks(coarse.amax(dim=0), self.candidates * spec.num_levels + 4, self.nms_kernel)
+        if not found:
+            return [], torch.zeros(0, c, dtype=torch.float64), np.zeros((0, 2))
+        at = torch.tensor(found, dtype=torch.int64)
+        size = torch.tensor([h * up, h * up, w * up, w * up])
+        core = torch.stack([at[:, 0] - 1, at[:, 0] + 2, at[:, 1] - 1, at[:, 1] + 2], dim=1) * up
+        core = torch.minimum(core.clamp_min(0), size)  # (K, 4): rows [y0, y1), columns [x0, x1)
+        margin = self.nms_kernel // 2 + PATCH_HALF
+        win = torch.minimum((core + torch.tensor([-margin, margin, -margin, margin])).clamp_min(0), size)
+        x_lo, x_hi, y_lo, y_hi = (v[None] for v in landing_reach(offsets, up))
+        y0, y1, x0, x1 = (win[:, i, None, None] for i in range(4))
+        src = ((x_hi > x0 - 1) & (x_lo < x1) & (y_hi > y0 - 1) & (y_lo < y1)).any(dim=0)  # (h, w) network pixels
+        block = torch.arange(up)
+        rows = (src.nonzero()[:, :1] * up + block).repeat_interleave(up, dim=1).flatten()  # their target pixels
+        cols = (src.nonzero()[:, 1:] * up + block).repeat(1, up).flatten()
+        values = bilinear_at(torch.cat([logits, offsets]), rows, cols, up)  # (3C, N)
+        oy, ox = int(win[:, 0].min()), int(win[:, 2].min())  # the maps cover the windows' bounding box only
+        shape = (int(win[:, 1].max()) - oy, int(win[:, 3].max()) - ox)
+        x, y = (cols - ox).to(values.dtype) + values[c::2], (rows - oy).to(values.dtype) + values[c + 1 :: 2]
+        hough = splat_points(torch.sigmoid(values[:c]), x, y, shape) / (math.pi * self.radius**2)
+        best = hough.amax(dim=0)
+        score = torch.where((best == max_filter(best, self.nms_kernel)) & (best > 0), best, torch.zeros_like(best))
+        hits: dict[tuple[int, int], float] = {}
+        for r0, r1, c0, c1 in (core - torch.tensor([oy, oy, ox, ox])).tolist():
+            region = score[r0:r1, c0:c1]
+            i = int(region.flatten().argmax())
+            rc = (r0 + i // region.shape[1], c0 + i % region.shape[1])
+            if float(score[rc]) > 0:
+                hits.setdefault(rc, float(score[rc]))
+        peaks = sorted(hits, key=lambda rc: -hits[rc])
+        where = torch.tensor(peaks, dtype=torch.int64).view(-1, 2)
+        xy = refine_peaks(hough.sum(dim=0), peaks) + np.array([ox, oy], dtype=np.float64)
+        return [(r + oy, col + ox) for r, col in peaks], hough[:, where[:, 0], where[:, 1]].double().T, xy
 
     def _candidates(
         self,
         spec: StreamSpec,
-        hough: torch.Tensor,
-        best: torch.Tensor,
-        total: torch.Tensor,
+        peaks: list[tuple[int, int]],
+        scores: torch.Tensor,
+        xy_target: np.ndarray,
         level: torch.Tensor,
         affine,
     ) -> list[dict]:
+        """Candidate keypoints of one image from its peaks (row, col) on the target grid, their class scores
+        (K, C) and refined target-grid (x, y) (K, 2); ``level`` (h, w) is the network-grid level map."""
         c = spec.num_classes
-        peaks = pick_peaks(best, self.candidates * spec.num_levels + 4, self.nms_kernel)
         if not peaks:
             return []
-        at = torch.tensor(peaks, dtype=torch.int64)
-        scores = hough[:, at[:, 0], at[:, 1]].double().T  # (K, C)
-        xy = target_to_image(torch.from_numpy(refine_peaks(total, peaks)), self.target_stride)  # (K, 2)
+        xy = target_to_image(torch.from_numpy(np.asarray(xy_target, dtype=np.float64)), self.target_stride)  # (K, 2)
         mm = pixels_to_mm(xy, affine).tolist() if affine is not None else [None] * len(peaks)
         found = []
         for (r, col), row, pos, where in zip(peaks, scores, xy.tolist(), mm):

@@ -12,9 +12,14 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "PATCH_HALF",
     "REFINE_STEPS",
     "REFINE_TOLERANCE",
     "hough_voting",
+    "bilinear_at",
+    "landing_reach",
+    "splat_points",
+    "max_filter",
     "pick_peaks",
     "refine_peak",
     "refine_peaks",
@@ -59,7 +64,7 @@ def hough_voting(probs: torch.Tensor, offsets: torch.Tensor, radius: float) -> t
     return votes.view(b, c, h, w).div_(math.pi * radius * radius)
 
 
-def _max_filter(score: torch.Tensor, kernel: int) -> torch.Tensor:
+def max_filter(score: torch.Tensor, kernel: int) -> torch.Tensor:
     """``kernel`` x ``kernel`` moving maximum of an (H, W) map, -inf outside: ``F.max_pool2d(stride=1,
     padding=kernel // 2)``, computed separably with ``torch.maximum`` (max_pool2d on one channel is
     single-threaded and keeps indices, about 10x slower at 640 x 640)."""
@@ -83,7 +88,7 @@ def pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]
     Plateaus (equal neighbours, e.g. a vote split evenly between two pixels) pass max-pool equality on
     every pixel; of candidates closer than the kernel half-width, only the first in score order is kept.
     """
-    pooled = _max_filter(score, kernel)
+    pooled = max_filter(score, kernel)
     peak = (score == pooled) & (score > 0)
     cand = torch.where(peak, score, torch.zeros_like(score)).flatten()
     n_cand = min(int(peak.sum()), kernel * kernel * k)  # a plateau repeats a peak at most kernel^2 times
@@ -106,6 +111,8 @@ def pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]
 REFINE_STEPS = 16
 REFINE_TOLERANCE = 1e-4
 _REACH = 2  # the estimate stays within this many pixels of the start; the patch spans its window's reach
+#: :func:`refine_peaks` reads ``total`` up to this many pixels from the peak (rows and columns)
+PATCH_HALF = _REACH + 2
 
 
 def _cell_overlap(centre: np.ndarray, lower: np.ndarray, upper: np.ndarray) -> np.ndarray:
@@ -153,7 +160,7 @@ def refine_peaks(total: torch.Tensor, peaks: Sequence[tuple[int, int]]) -> np.nd
     """
     if len(peaks) == 0:
         return np.zeros((0, 2))
-    half = _REACH + 2  # window half-width 1.5 around an estimate at most _REACH from the start
+    half = PATCH_HALF  # window half-width 1.5 around an estimate at most _REACH from the start
     patch = _patches(total, peaks, half)  # (K, P, P)
     offsets = np.arange(-half, half + 1, dtype=np.float64)  # pixel positions relative to (r, c)
     lower, upper = offsets - 0.5, offsets + 0.5
@@ -175,6 +182,74 @@ def refine_peaks(total: torch.Tensor, peaks: Sequence[tuple[int, int]]) -> np.nd
         active[idx[~moving | (step < REFINE_TOLERANCE)]] = False
     at = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
     return np.stack([at[:, 1] + d[:, 0], at[:, 0] + d[:, 1]], axis=1)
+
+
+def landing_reach(offsets: torch.Tensor, up: int) -> torch.Tensor:
+    """Where the votes of each network pixel's block can land on a target grid ``up`` times finer.
+
+    ``offsets`` (2C, h, w) interleaved ``(dx_c, dy_c)`` in target pixels on the network grid; the target grid
+    is their bilinear upsampling (``align_corners=False``), whose pixels ``[i up, (i + 1) up)`` (block of
+    network pixel i) interpolate network pixels i - 1 .. i + 1, so their offsets lie between the minimum and
+    maximum over that 3 x 3 neighbourhood and all classes. Returns (4, h, w): x_lo, x_hi, y_lo, y_hi, bounds
+    (target pixels) of the landing points of the block's votes. NaN offsets (votes dropped) count as 0.
+    """
+    c2, h, w = offsets.shape
+    limit = float(up * (h + w) + 2)  # beyond the grid either way: a vote landing there is dropped
+    off = torch.nan_to_num(offsets.float(), nan=0.0, posinf=limit, neginf=-limit).clamp(-limit, limit)
+    bounds = []
+    for axis, n in ((0, w), (1, h)):
+        o = off[axis::2]
+        low, high = -max_filter(-o.amin(dim=0), 3), max_filter(o.amax(dim=0), 3)
+        start = (torch.arange(n, dtype=off.dtype) * up).view((1, n) if axis == 0 else (n, 1))
+        bounds += [start + low, start + (up - 1) + high]
+    return torch.stack(bounds)
+
+
+def bilinear_at(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, up: int) -> torch.Tensor:
+    """``F.interpolate(field[None], scale_factor=up, mode="bilinear", align_corners=False)[0]`` read only at the
+    target pixels (rows, cols) (N,) int64: field (M, h, w) -> (M, N), same formula (edges clamped)."""
+    _, h, w = field.shape
+
+    def taps(u: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        src = ((u.to(field.dtype) + 0.5) * (1.0 / up) - 0.5).clamp_min(0.0)
+        i0 = src.long().clamp_max(n - 1)
+        return i0, (i0 + 1).clamp_max(n - 1), src - i0
+
+    y0, y1, ly = taps(rows, h)
+    x0, x1, lx = taps(cols, w)
+    flat = field.reshape(field.shape[0], h * w)
+
+    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(1, y * w + x)
+
+    top = (1 - lx) * at(y0, x0) + lx * at(y0, x1)
+    bottom = (1 - lx) * at(y1, x0) + lx * at(y1, x1)
+    return (1 - ly) * top + ly * bottom
+
+
+def splat_points(weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Bilinear splat of M maps' point votes: ``weights``, ``x`` (column), ``y`` (row) (M, N) in pixels of a grid
+    of ``shape`` (H, W) -> (M, H, W); corners outside the grid (and NaN points) are dropped, as in
+    :func:`splat_votes`."""
+    m, n = weights.shape
+    h, w = int(shape[0]), int(shape[1])
+    grid = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1).nan_to_num_(nan=-3.0).clamp_(-3.0, 3.0)
+    if USE_PRIVATE_SPLAT:
+        like = weights.new_zeros(()).expand(m, 1, h, w)  # the input's shape only
+        votes, _ = torch.ops.aten.grid_sampler_2d_backward(
+            weights.view(m, 1, 1, n), like, grid.view(m, 1, n, 2), 0, 0, False, [True, False]
+        )
+        return votes.view(m, h, w)
+    gx, gy = (grid[..., 0] + 1) * (w / 2) - 0.5, (grid[..., 1] + 1) * (h / 2) - 0.5
+    out = torch.zeros(m * h * w, dtype=weights.dtype)
+    base = (torch.arange(m) * (h * w)).view(m, 1)
+    fx, fy = gx - gx.floor(), gy - gy.floor()
+    for dy, wy in ((0, 1 - fy), (1, fy)):
+        for dx, wx in ((0, 1 - fx), (1, fx)):
+            cx, cy = (gx.floor() + dx).long(), (gy.floor() + dy).long()
+            inside = (cx >= 0) & (cx < w) & (cy >= 0) & (cy < h)
+            out.index_add_(0, (base + cy.clamp(0, h - 1) * w + cx.clamp(0, w - 1))[inside], (weights * wx * wy)[inside])
+    return out.view(m, h, w)
 
 
 def _landing_grid(p: torch.Tensor, off: torch.Tensor) -> torch.Tensor:

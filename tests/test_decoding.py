@@ -427,3 +427,75 @@ def test_refine_peaks_at_once_equals_one_by_one():
         assert np.allclose(refine_peak(total, r, c), xy, atol=1e-12)
     assert np.allclose(got[3], [7.0, 7.0])  # zero window: stays on its pixel
     assert refine_peaks(total, []).shape == (0, 2)
+
+
+def test_bilinear_at_and_splat_points_equal_the_whole_grid_ops(monkeypatch):
+    """``bilinear_at`` reads F.interpolate's upsampled values at given pixels; ``splat_points`` of every pixel's
+    vote equals the whole-map splat (private kernel and public fallback), also with non-finite offsets."""
+    from bundle import decoding
+
+    torch.manual_seed(2)
+    field = torch.randn(4, 7, 9, dtype=torch.float64)
+    full = F.interpolate(field[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    rows, cols = torch.randint(0, 28, (50,)), torch.randint(0, 36, (50,))
+    np.testing.assert_allclose(
+        decoding.bilinear_at(field, rows, cols, 4).numpy(), full[:, rows, cols].numpy(), atol=1e-12
+    )
+    p = torch.rand(2, 1, 11, 8, dtype=torch.float64)
+    off = torch.randn(2, 2, 11, 8, dtype=torch.float64) * 4.0
+    off[0, 0, 1, 2], off[1, 1, 3, 3] = float("nan"), float("inf")
+    r, c = torch.meshgrid(torch.arange(11), torch.arange(8), indexing="ij")
+    x, y = c.flatten().double() + off[:, 0].flatten(1), r.flatten().double() + off[:, 1].flatten(1)
+    ref = splat_votes(p, off)[:, 0]
+    for private in (True, False):
+        monkeypatch.setattr(decoding, "USE_PRIVATE_SPLAT", private)
+        got = decoding.splat_points(p.flatten(1), x, y, (11, 8))
+        np.testing.assert_allclose(got.numpy(), ref.numpy(), atol=1e-12)
+
+
+def test_landing_reach_bounds_every_upsampled_vote():
+    """Each target pixel's vote (upsampled offsets) lands within its network pixel's block bounds."""
+    from bundle.decoding import landing_reach
+
+    torch.manual_seed(4)
+    off = torch.randn(6, 8, 10) * 5.0
+    off[2, 3, 4] = float("nan")
+    bounds = landing_reach(off, 4)
+    up = F.interpolate(off[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
+    rows, cols = torch.meshgrid(torch.arange(32), torch.arange(40), indexing="ij")
+    x, y = cols + up[0::2], rows + up[1::2]  # (3, 32, 40)
+    lo_x, hi_x, lo_y, hi_y = (b.repeat_interleave(4, 0).repeat_interleave(4, 1) for b in bounds)
+    ok = lambda v, lo, hi: (~torch.isfinite(v)) | ((v >= lo - 1e-5) & (v <= hi + 1e-5))  # noqa: E731
+    assert bool(ok(x, lo_x, hi_x).all()) and bool(ok(y, lo_y, hi_y).all())
+
+
+@pytest.mark.parametrize("background", [0.5, 8.0])
+def test_window_search_decodes_as_the_whole_target_grid(background):
+    """Stride-4 outputs with clear discs, noisy logits and random background offsets (some pointing far, one
+    NaN): window search gives the whole grid's keypoints (levels, classes, positions, scores), batch of 2."""
+    gen = torch.Generator().manual_seed(int(background * 10))
+    affine = _affine()
+    outs = []
+    for _ in range(2):
+        size = 128
+        rows = 8.0 + 21.0 * torch.arange(6) + torch.rand(6, generator=gen) * 3
+        cols = 60.0 + torch.rand(6, generator=gen) * 10
+        xy = torch.stack([cols, rows], 1).double()
+        labels = torch.randint(0, 3, (6,), generator=gen)
+        codec = _codec([DISC], network_stride=1)
+        mm = pixels_to_mm(xy, affine)
+        t = codec.encode({"disc": mm}, {"disc": labels}, affine, (size, size))
+        logits = 8.0 * t["disc_heatmap"] - 4.0 + torch.randn(3, size, size, generator=gen)
+        noise = background * torch.randn(6, size, size, generator=gen)
+        offsets = torch.where(t["disc_offset_mask"] > 0, t["disc_offset"] + 0.3 * noise / background, noise)
+        full = torch.cat([logits, offsets, t["disc_level"]])[None]
+        outs.append(F.avg_pool2d(full, 4))
+    output = torch.cat(outs)
+    output[0, 5, 3, 3] = float("nan")
+    window, whole = _codec([DISC], network_stride=4), _codec([DISC], network_stride=4, window_search=False)
+    got, ref = window.decode(output, affine), whole.decode(output, affine)
+    for g, r in zip(got, ref):
+        assert [kp["level"] for kp in g["disc"]] == [kp["level"] for kp in r["disc"]] and len(r["disc"]) >= 5
+        assert [kp["label"] for kp in g["disc"]] == [kp["label"] for kp in r["disc"]]
+        np.testing.assert_allclose([kp["xy"] for kp in g["disc"]], [kp["xy"] for kp in r["disc"]], atol=1e-4)
+        np.testing.assert_allclose([kp["score"] for kp in g["disc"]], [kp["score"] for kp in r["disc"]], rtol=1e-5)

@@ -460,19 +460,68 @@ def test_pam_attend_on_a_share_of_the_queries_equals_those_rows(monkeypatch, imp
 
 
 @pytest.mark.parametrize(
-    "dilation, shape", [(1, (2, 16, 9, 7)), (2, (1, 16, 9, 7)), (6, (2, 8, 10, 12)), (12, (1, 8, 5, 6))]
+    "dilation, shape",
+    [(1, (2, 16, 9, 7)), (2, (1, 16, 9, 7)), (6, (2, 8, 10, 12)), (12, (1, 8, 5, 6)), (4, (2, 8, 5, 9))],
 )
 def test_atrous_gemm_equals_conv2d(dilation, shape):
-    """One product and shifted adds give F.conv2d's dilated 3 x 3 'same' convolution, also when the dilation
-    reaches past the map (taps wholly in the padding) and without a bias."""
-    from bundle.networks.deeplab import atrous_conv3x3_gemm
+    """One product per tap on the pixels it reads inside the map gives F.conv2d's dilated 3 x 3 'same'
+    convolution, also when a tap reaches past the map on one axis only or wholly (taps in the padding), for
+    channels_last and NCHW input, without a bias, and with precomputed tap matrices."""
+    from bundle.networks.deeplab import atrous_conv3x3_gemm, atrous_taps
 
     gen = torch.Generator().manual_seed(dilation)
-    x = torch.randn(shape, generator=gen).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, generator=gen)
     weight, bias = torch.randn(5, shape[1], 3, 3, generator=gen), torch.randn(5, generator=gen)
     for b in (bias, None):
         ref = F.conv2d(x, weight, b, padding=dilation, dilation=dilation)
-        torch.testing.assert_close(atrous_conv3x3_gemm(x, weight, b, dilation), ref, atol=1e-5, rtol=1e-5)
+        for inp in (x, x.contiguous(memory_format=torch.channels_last)):
+            got = atrous_conv3x3_gemm(inp, weight, b, dilation)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        taps = atrous_taps(weight, torch.float32)
+        assert tuple(taps.shape) == (9, 5, shape[1]) and torch.equal(taps[5], weight[:, :, 1, 2])
+        torch.testing.assert_close(atrous_conv3x3_gemm(x, weight * 0, b, dilation, taps), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_atrous_conv_bf16_taps_follow_the_weight():
+    """The cached bf16 tap matrices are not state, are left out of copies, and are re-made after an in-place
+    update of the weight and after load_state_dict: the bf16 path keeps following F.conv2d."""
+    import copy
+
+    from bundle.networks.deeplab import AtrousConv2d
+
+    torch.manual_seed(3)
+    conv = AtrousConv2d(16, 8, 3, padding=2, dilation=2, bias=False).eval()
+    x = torch.randn(1, 16, 9, 10).contiguous(memory_format=torch.channels_last)
+
+    def bf16_error() -> float:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = conv(x)
+        ref = F.conv2d(x, conv.weight.detach(), None, padding=2, dilation=2)
+        return float((got.float() - ref).abs().max() / ref.abs().max())
+
+    assert bf16_error() < 0.02 and "_bf16_taps" in conv.__dict__
+    assert set(conv.state_dict()) == {"weight"} and "_bf16_taps" not in copy.deepcopy(conv).__dict__
+    with torch.no_grad():
+        conv.weight.mul_(-3.0)
+    assert bf16_error() < 0.02
+    conv.load_state_dict({"weight": torch.randn(8, 16, 3, 3)})
+    assert bf16_error() < 0.02
+
+
+def test_aspp_concatenation_keeps_channels_last():
+    """The image-pooling branch hands a channels_last map on for channels_last input (an expanded 1 x 1 map
+    has no memory format and turned the concatenation, and the projection's input, into NCHW)."""
+    aspp = ASPP(16, 8).eval()
+    x = torch.randn(2, 16, 6, 5)
+    with torch.no_grad():
+        ref = aspp(x)
+        xc = x.contiguous(memory_format=torch.channels_last)
+        pooled = aspp.branches[-1](xc)
+        feats = torch.cat([branch(xc) for branch in aspp.branches], dim=1)
+        got = aspp(xc)
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and tuple(pooled.shape) == (2, 8, 6, 5)
+    assert feats.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
 def test_atrous_conv_bf16_path_and_folding():

@@ -12,7 +12,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bundle.codec import OCPCCodec  # noqa: E402
-from bundle.decoding import _max_filter, hough_voting  # noqa: E402
+from bundle.decoding import hough_voting, max_filter  # noqa: E402
 from bundle.io import load_sagittal_series  # noqa: E402
 from bundle.io.pixels import read_dicom_pixels  # noqa: E402
 from bundle.networks import SpineOne, fuse_for_inference  # noqa: E402
@@ -106,7 +106,7 @@ def test_max_filter_equals_max_pool(kernel):
     score[score < 0.6] = 0.0
     score[4, 5:8] = 2.0  # a plateau
     ref = F.max_pool2d(score[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
-    assert torch.equal(_max_filter(score, kernel), ref)
+    assert torch.equal(max_filter(score, kernel), ref)
 
 
 def test_loader_meta_names_middle_file(tmp_path):

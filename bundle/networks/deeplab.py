@@ -25,6 +25,7 @@ __all__ = [
     "RESNET_DEPTHS",
     "AtrousConv2d",
     "atrous_conv3x3_gemm",
+    "atrous_taps",
     "ResNetBackbone",
     "build_resnet_backbone",
     "imagenet_state_dict",
@@ -43,41 +44,61 @@ _RESNETS = {
 RESNET_DEPTHS = tuple(_RESNETS)
 
 
-def atrous_conv3x3_gemm(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int
-) -> torch.Tensor:
-    """3 x 3 convolution, stride 1, zero 'same' padding, ``dilation`` d, as one matrix product and shifted adds.
+def atrous_taps(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 3 x 3 convolution's weight (Cout, Cin, 3, 3) as the tap matrices (9, Cout, Cin) in ``dtype``, contiguous:
+    ``taps[3 ky + kx]`` is ``weight[:, :, ky, kx]`` (the product reads it transposed, oneDNN's fastest layout)."""
+    return weight.detach().to(dtype).permute(2, 3, 0, 1).reshape(9, weight.shape[0], weight.shape[1]).contiguous()
 
-    x (B, Cin, H, W), weight (Cout, Cin, 3, 3), bias (Cout,) or None -> (B, Cout, H, W) channels_last, in the
-    product's dtype (x and weight cast to x's dtype; under autocast the product runs in its dtype). The
-    product ``x (B H W, Cin) @ W (Cin, 9 Cout)`` gives every tap's contribution at every pixel; the output
-    at (r, c) sums tap (ky, kx)'s contribution from pixel (r + (ky - 1) d, c + (kx - 1) d) in float32 (taps
-    landing outside the map are the zero padding). Same sums as ``F.conv2d`` in another order.
+
+def _tap_span(k: int, dilation: int, n: int) -> tuple[int, int]:
+    """Output range [o0, o1) along an axis of length ``n`` whose tap ``k`` (0, 1, 2) reads inside the map
+    (source index o + (k - 1) ``dilation`` in [0, n)); empty (o0 >= o1) when the tap reads only padding."""
+    shift = (k - 1) * dilation
+    return max(0, -shift), min(n, n - shift)
+
+
+def atrous_conv3x3_gemm(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, taps: torch.Tensor | None = None
+) -> torch.Tensor:
+    """3 x 3 convolution, stride 1, zero 'same' padding, ``dilation`` d, as one matrix product per tap.
+
+    x (B, Cin, H, W), weight (Cout, Cin, 3, 3), bias (Cout,) or None -> (B, Cout, H, W) channels_last, in x's
+    dtype; ``taps`` (9, Cout, Cin) in x's dtype (:func:`atrous_taps`) replaces ``weight`` when given. Tap (ky,
+    kx) adds ``x[r + (ky - 1) d, c + (kx - 1) d] @ taps[3 ky + kx].T`` at output (r, c); each product runs
+    only on the block of pixels whose source lies inside the map (the rest is zero padding, skipped: with the
+    ASPP's rates on a 32 x 32 map most of a corner tap is padding), and the sum is kept in float32. Same sums
+    as ``F.conv2d`` in another order; each tap's product is rounded to x's dtype before the sum.
     """
     b, cin, h, w = x.shape
-    cout = weight.shape[0]
-    rows = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)  # a view for channels_last input
-    taps = weight.to(rows.dtype).permute(1, 2, 3, 0).reshape(cin, 9 * cout)  # (Cin, (ky, kx, Cout))
-    y = torch.matmul(rows, taps).view(b, h, w, 3, 3, cout)
-    out = torch.zeros(b, h, w, cout, dtype=torch.float32, device=x.device)
-    if bias is not None:
-        out += bias.float()
-    for ky in range(3):
-        dy = (ky - 1) * dilation
-        r0, r1 = max(0, -dy), min(h, h - dy)
-        for kx in range(3):
-            dx = (kx - 1) * dilation
-            c0, c1 = max(0, -dx), min(w, w - dx)
-            if r0 < r1 and c0 < c1:
-                out[:, r0:r1, c0:c1] += y[:, r0 + dy : r1 + dy, c0 + dx : c1 + dx, ky, kx]
-    return out.to(y.dtype).permute(0, 3, 1, 2)  # (B, Cout, H, W), channels_last strides
+    taps = atrous_taps(weight, x.dtype) if taps is None else taps
+    cout = taps.shape[1]
+    pixels = x.permute(0, 2, 3, 1)  # (B, H, W, Cin): a view for channels_last input
+    centre = torch.matmul(pixels.reshape(b * h * w, cin), taps[4].t()).view(b, h, w, cout)  # reads the whole map
+    out = centre.float() if bias is None else torch.add(centre, bias.float())  # float32, a new tensor
+    for kx in range(3):
+        c0, c1 = _tap_span(kx, dilation, w)
+        if c0 >= c1:
+            continue
+        sx = (kx - 1) * dilation
+        cols = pixels[:, :, c0 + sx : c1 + sx]  # the source columns of this kx, copied once for its 3 taps
+        cols = cols if c1 - c0 == w else cols.contiguous()
+        for ky in (0, 2) if kx == 1 else (0, 1, 2):
+            r0, r1 = _tap_span(ky, dilation, h)
+            if r0 < r1:
+                sy = (ky - 1) * dilation
+                src = cols[:, r0 + sy : r1 + sy].reshape(-1, cin)
+                out[:, r0:r1, c0:c1] += torch.matmul(src, taps[3 * ky + kx].t()).view(b, r1 - r0, c1 - c0, cout)
+    return out.to(x.dtype).permute(0, 3, 1, 2)  # (B, Cout, H, W), channels_last strides
 
 
 class AtrousConv2d(nn.Conv2d):
     """``nn.Conv2d`` for ASPP's dilated 3 x 3 convolutions (stride 1, no groups, 'same' padding): under CPU
     bfloat16 without gradients it runs :func:`atrous_conv3x3_gemm`, since oneDNN's bfloat16 convolution with
     dilation falls back to a kernel slower than float32 (measured on AMX, 640 x 640 input, 40 x 40 map, 2048
-    -> 256 channels: 48-60 ms per convolution against 28-43 ms in float32, and 26 ms as one bfloat16 product).
+    -> 256 channels: 48-60 ms per convolution against 28-43 ms in float32). The bfloat16 tap matrices are
+    kept between calls (re-made when the weight changes: another tensor or an in-place update, e.g.
+    ``load_state_dict``; an update through ``weight.data`` is not seen), about 9 Cin Cout x 2 bytes (9.4 MB
+    for 2048 -> 256); re-making them each call was most of the time (a strided copy of the whole weight).
     Elsewhere (float32, training, TorchScript) it is ``nn.Conv2d``; parameters and state dict are the same.
     """
 
@@ -85,9 +106,26 @@ class AtrousConv2d(nn.Conv2d):
         if not torch.jit.is_scripting():
             if _bf16_cpu(x) and not torch.is_grad_enabled() and self.groups == 1 and self.stride == (1, 1):
                 if self.kernel_size == (3, 3) and self.dilation[0] == self.dilation[1] == self.padding[0]:
-                    with torch.autocast("cpu", enabled=False):
-                        return atrous_conv3x3_gemm(x.to(torch.bfloat16), self.weight, self.bias, self.dilation[0])
+                    return self._forward_bf16(x)
         return self._conv_forward(x, self.weight, self.bias)
+
+    def __getstate__(self) -> dict:
+        """Pickling and deepcopy leave the cached tap matrices out (they are re-made on the next call)."""
+        state = super().__getstate__()
+        state.pop("_bf16_taps", None)
+        return state
+
+    @torch.jit.unused
+    def _forward_bf16(self, x: torch.Tensor) -> torch.Tensor:
+        """The product form in bfloat16 with the cached tap matrices; x (B, Cin, H, W) -> (B, Cout, H, W)."""
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        cached = self.__dict__.get("_bf16_taps")
+        if cached is None or cached[0] != key:
+            cached = (key, atrous_taps(weight, torch.bfloat16))
+            self.__dict__["_bf16_taps"] = cached  # a plain attribute: not in the state dict
+        with torch.autocast("cpu", enabled=False):
+            return atrous_conv3x3_gemm(x.to(torch.bfloat16), weight, self.bias, self.dilation[0], cached[1])
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int = 1, dilation: int = 1) -> nn.Sequential:
@@ -224,7 +262,12 @@ class _ImagePooling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(self.pool(x))
         # bilinear upsampling of a 1x1 map is a broadcast; expand avoids the interpolation kernel
-        return y.expand(-1, -1, x.shape[-2], x.shape[-1])
+        out = y.expand(-1, -1, x.shape[-2], x.shape[-1])
+        # an expanded map has no memory format, and with it ASPP's concatenation (and its projection) fell
+        # back to NCHW: a channels_last input gets a channels_last copy (B x C x h x w, small)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            return out.contiguous(memory_format=torch.channels_last)
+        return out
 
 
 class ASPP(nn.Module):
