@@ -194,7 +194,7 @@ def _slice(
     windows = (
         (_vessels, (u < m - hd - sc) & (u > -hd - 21 * sc - m) & (lat < 28 * sc + m)),
         (_posterior, (u > np.minimum(hd, post - reach) - m) & (u < post + 34 * sc + m) & (lat < 26 * sc + m)),
-        (_column, (u > -hd - f32(0.5) - m) & (u < hd + bulge + f32(0.5) + m)),
+        (_column, _column_support(u, hd, lat, tab[_WB][idx], bulge, m)),
     )
     for part, cond in windows:
         win = _window(cond)
@@ -205,6 +205,16 @@ def _slice(
         iw = idx[win]
         part(sp, tab[:, iw], None if ltab is None else ltab[:, iw], px, v, soft, img[win])
     return img
+
+
+def _column_support(u, hd, lat, wb, bulge, m) -> np.ndarray:
+    """Pixels (H, W) where the bodies or discs of :func:`_column` can be non-zero, with margin ``m`` (mm).
+
+    Lateral to the discs (``lat >= wb + 1``) only a thin line at the posterior body margin ``u = hd`` remains.
+    """
+    f32 = np.float32
+    inside = (lat < wb + 1 + m) & (u > -hd - f32(0.5) - m) & (u < hd + bulge + f32(0.5) + m)
+    return inside | (np.abs(u - hd) < f32(0.5) + m)
 
 
 def _vessels(sp: Spine, p, q, px: dict, v: dict, soft, img: np.ndarray) -> None:
