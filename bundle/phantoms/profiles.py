@@ -123,9 +123,13 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     u = rng.random(2)
     draw.update(lumbar=5 if u[0] >= p.lstv_rate else 4 if u[1] < 0.5 else 6, lordosis=_u(rng, p.lordosis))
     amp = _u(rng, p.scoliosis_mm) * (1 if rng.random() < 0.5 else -1)
-    draw.update(scoliosis=(amp if rng.random() < p.scoliosis_rate else 0.0, float(rng.random()), _u(rng, p.scoliosis_width)))
+    draw.update(
+        scoliosis=(amp if rng.random() < p.scoliosis_rate else 0.0, float(rng.random()), _u(rng, p.scoliosis_width))
+    )
     col = rng.uniform(*p.collapse, len(DISC_NAMES))
-    draw.update(collapse=tuple(float(c) if r < p.collapse_rate else 0.0 for c, r in zip(col, rng.random(len(DISC_NAMES)))))
+    draw.update(
+        collapse=tuple(float(c) if r < p.collapse_rate else 0.0 for c, r in zip(col, rng.random(len(DISC_NAMES))))
+    )
     draw.update(thoracic=tuple(float(v) for v in rng.uniform(*p.thoracic_height, 6)))
     return draw
 

@@ -58,7 +58,7 @@ CONTRASTS: dict[str, dict[str, float]] = {
 }
 _CHUNK_PIXELS = 32768  # pixels rendered per block
 _TABLE_STEP = 0.25  # mm between samples of the per-level parameter table along s
-_D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC = range(17)
+_D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC, _XOFF = range(18)
 # lateral table: nearest foramen (centre s, u, half extents a, b, fat ellipse scale left/right) and recess bulge
 # radius / canal half-width (left/right) at the nearest disc
 _FS, _FU, _FA, _FB, _FL, _FR, _RL, _RR = range(8)
@@ -86,31 +86,34 @@ def _box(s: np.ndarray, a: float, b: float, e: float) -> np.ndarray:
 
 
 def _profile_table(sp: Spine) -> tuple[float, np.ndarray]:
-    """Per-s parameters, shape (17, n) float32, sampled every ``_TABLE_STEP`` mm from ``s0`` (returned)."""
+    """Per-s parameters, shape (18, n) float32, sampled every ``_TABLE_STEP`` mm from ``s0`` (returned)."""
     s0 = -300.0
     s = np.arange(s0, sp.body_s[-1] + 300.0, _TABLE_STEP)
-    t = np.zeros((17, s.size))
+    d = sp.drawn()  # the thoracic bodies above T10 (realistic profile), then BODY_NAMES
+    body_s, body_half, disc_s, disc_half = d["body_s"], d["body_half"], d["disc_s"], d["disc_half"]
+    t = np.zeros((18, s.size))
     t[_D] = sp.depth_at(s)
-    t[_WB] = np.interp(s, sp.body_s, sp.body_half_width)
-    kb = _clip(np.searchsorted(0.5 * (sp.body_s[1:] + sp.body_s[:-1]), s), 0, len(sp.body_s) - 1)
-    kd = _clip(np.searchsorted(0.5 * (sp.disc_s[1:] + sp.disc_s[:-1]), s), 0, len(sp.disc_s) - 1)
-    t[_BS], t[_BH], t[_BDEG], t[_BMAR] = sp.body_s[kb], sp.body_half[kb], sp.body_degenerate[kb], sp.body_marrow[kb]
-    t[_DS], t[_DH], t[_DBUL], t[_DDEG] = sp.disc_s[kd], sp.disc_half[kd], sp.disc_bulge[kd], sp.disc_degenerate[kd]
+    t[_WB] = np.interp(s, body_s, d["body_half_width"])
+    kb = _clip(np.searchsorted(0.5 * (body_s[1:] + body_s[:-1]), s), 0, len(body_s) - 1)
+    kd = _clip(np.searchsorted(0.5 * (disc_s[1:] + disc_s[:-1]), s), 0, len(disc_s) - 1)
+    t[_BS], t[_BH], t[_BDEG], t[_BMAR] = body_s[kb], body_half[kb], d["body_degenerate"][kb], d["body_marrow"][kb]
+    t[_DS], t[_DH], t[_DBUL], t[_DDEG] = disc_s[kd], disc_half[kd], d["disc_bulge"][kd], d["disc_degenerate"][kd]
     t[_CW] = sp.canal_width_at(s)
     t[_NAR] = sp.narrowing_at(s)
-    i_s1 = BODY_NAMES.index("S1")
+    i_s1 = d["extra"] + BODY_NAMES.index("S1")
     pe = np.zeros_like(s)
     ped = np.zeros_like(s)
     for k in range(i_s1):  # laminae / spinous process and pedicles of the mobile segments
-        c, h, dh = sp.body_s[k], sp.body_half[k], sp.disc_half[k]
+        c, h, dh = body_s[k], body_half[k], disc_half[k]
         pe = np.maximum(pe, _box(s, c - 0.55 * h, c + h + 0.4 * dh, 2.0))
         ped = np.maximum(ped, _box(s, c - 0.8 * h, c + 0.1 * h, 2.0))
-    sacrum = _box(s, sp.body_s[i_s1] - 0.6 * sp.body_half[i_s1], 1e6, 2.0)  # fused sacral elements
+    sacrum = _box(s, body_s[i_s1] - 0.6 * body_half[i_s1], 1e6, 2.0)  # fused sacral elements
     t[_PE] = np.maximum(pe, sacrum)
     t[_PED] = np.maximum(ped, sacrum)
     t[_CORD] = 8.0 * sp.scale * _clip((sp.conus_s - s) / (20.0 * sp.scale), 0, 1)
     t[_AORTA] = _clip((sp.body_s[BODY_NAMES.index("L4")] - s) / 5.0, 0, 1)
     t[_IVC] = _clip((sp.body_s[BODY_NAMES.index("L5")] - s) / 5.0, 0, 1)
+    t[_XOFF] = sp.lateral_at(s)
     return s0, np.ascontiguousarray(t, dtype=np.float32)
 
 
@@ -149,12 +152,10 @@ def _window(cond: np.ndarray) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def _slice(
-    sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float, tex, ltab=None
-) -> np.ndarray:
+def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float, tex, ltab=None) -> np.ndarray:
     """Noise-free signal of one slice; ``x, y, z`` (H, W) patient mm, ``tex`` (H, W) soft-tissue texture.
 
-    ``tab`` (17, n) from :func:`_profile_table`; ``ltab`` (8, n) from :func:`_lateral_table` adds the graded
+    ``tab`` (18, n) from :func:`_profile_table`; ``ltab`` (8, n) from :func:`_lateral_table` adds the graded
     foraminal fat loss and lateral recess bulges. ``v["marrow"]`` may be an (H, W) array. The vessels, the
     posterior structures and the column are evaluated only on the bounding window of the pixels where their
     soft fractions can be non-zero (bounds in spine coordinates with a margin): outside it they would add
@@ -171,8 +172,10 @@ def _slice(
     vy, vz = y - cy, z - cz
     u = r - _hypot(vy, vz)
     s = sp.s_apex + r * np.arctan2(ay * vz - az * vy, ay * vy + az * vz)
-    dx = x - sp.x_mid
     idx = _clip(((s - s0) * (1.0 / _TABLE_STEP) + 0.5).astype(np.intp), 0, tab.shape[1] - 1)
+    dx = x - sp.x_mid
+    if sp.scoliosis[0] != 0:
+        dx = dx - tab[_XOFF][idx]  # the centreline's lateral offset at this s
     depth, bulge = tab[_D][idx], tab[_DBUL][idx]  # the other table columns are gathered per window below
     hd = f32(0.5) * depth
     lat = np.abs(dx)
