@@ -11,7 +11,7 @@ antero-posterior extent shrinks laterally, so the structures are 3D and fade on 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from bundle.streams import RSNA_LEVELS, RSNA_SEVERITIES, TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
@@ -19,6 +19,7 @@ from bundle.streams import RSNA_LEVELS, RSNA_SEVERITIES, TIANCHI_DISC_LEVELS, TI
 __all__ = [
     "BODY_NAMES",
     "DISC_NAMES",
+    "THORACIC_NAMES",
     "smoothstep",
     "DEFAULT_CLASS_FREQUENCIES",
     "FORAMEN_RESIDUAL",
@@ -39,6 +40,13 @@ _BODY_HEIGHT = np.array([22, 23, 24, 25, 26, 27, 27, 26, 28, 24, 20], float)
 _BODY_DEPTH = np.array([30, 31, 33, 35, 37, 39, 40, 40, 38, 30, 24], float)
 _BODY_HALF_WIDTH = np.array([17, 18, 19, 20, 21, 22, 23, 24, 27, 24, 20], float)
 _DISC_HEIGHT = np.array([6, 6.5, 7, 8, 9, 10, 11, 10, 2, 1.5], float)
+# thoracic bodies drawn above T10 in the realistic profile (a field of view from T8), cranial first; the discs
+# below them (T7-T8, T8-T9, T9-T10)
+THORACIC_NAMES = ("T7", "T8", "T9")
+_THORACIC_HEIGHT = np.array([20.0, 21.0, 21.5])
+_THORACIC_DEPTH = np.array([26.0, 27.0, 28.5])
+_THORACIC_HALF_WIDTH = np.array([15.0, 15.5, 16.5])
+_THORACIC_DISC = np.array([5.0, 5.5, 5.5])
 _CANAL_REL = np.array([1.0, 1.0, 1.0, 1.05, 1.05, 1.0, 0.98, 0.95, 0.7, 0.35, 0.0], float)
 
 DEFAULT_CLASS_FREQUENCIES: dict[str, tuple[float, ...]] = {
@@ -127,13 +135,51 @@ class Spine:
     disc_labels: tuple[int, ...]
     vertebra_labels: tuple[int, ...]
     disc_tags: tuple[str, ...]
+    # realistic-profile anatomy (defaults: the original spine)
+    lumbar: int = 5  # lumbar-type vertebrae above the sacrum (4 or 6: transitional anatomy, see profiles)
+    scoliosis: tuple[float, float, float] = (0.0, 0.0, 1.0)  # lateral deviation (mm), its centre s, half-width
+    # drawn thoracic bodies above T10 (THORACIC_NAMES, cranial first): centre s, half height, depth, half width;
+    # and the discs below each of them (T7-T8 .. T9-T10): centre s, half height
+    thoracic: np.ndarray = field(default_factory=lambda: np.zeros((4, 0)))
+    thoracic_disc: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
 
     # ---- mapping between patient mm and spine coordinates
+    def lateral_at(self, s):
+        """Lateral (x) offset of the centreline in mm at arc length ``s``: the scoliotic curve (0 without)."""
+        amp, centre, width = self.scoliosis
+        if amp == 0:
+            return np.zeros_like(np.asarray(s, dtype=float))
+        return amp * np.exp(-0.5 * ((np.asarray(s, dtype=float) - centre) / width) ** 2)
+
     def point(self, s: float, u: float = 0.0, dx: float = 0.0) -> np.ndarray:
         """Patient-mm point (3,) of spine coordinates ``(s, u, dx)``."""
         d = _rotate(self.apex_dir, (float(s) - self.s_apex) / self.radius)
         yz = self.centre + (self.radius - float(u)) * d
-        return np.array([self.x_mid + float(dx), yz[0], yz[1]])
+        x = self.x_mid + float(dx)
+        if self.scoliosis[0] != 0:
+            x += float(self.lateral_at(s))
+        return np.array([x, yz[0], yz[1]])
+
+    def drawn(self) -> dict[str, np.ndarray]:
+        """Per-body and per-disc arrays of everything drawn: the thoracic bodies above T10, then ``BODY_NAMES``.
+
+        Keys as the fields (``body_s``, ``body_half``, ``body_depth``, ``body_half_width``, ``body_marrow``,
+        ``body_degenerate``, ``canal_width``, ``disc_s``, ``disc_half``, ``disc_bulge``, ``disc_degenerate``)
+        and ``extra`` (number of thoracic bodies drawn above T10). Without them, the fields themselves.
+        """
+        n = self.thoracic.shape[1]
+        out = dict(extra=n)
+        body = dict(body_s=0, body_half=1, body_depth=2, body_half_width=3)
+        for key, row in body.items():
+            out[key] = np.concatenate([self.thoracic[row], getattr(self, key)])
+        out["body_marrow"] = np.concatenate([np.full(n, self.body_marrow[0]), self.body_marrow])
+        out["body_degenerate"] = np.concatenate([np.zeros(n, bool), self.body_degenerate])
+        out["canal_width"] = np.concatenate([np.full(n, self.canal_width[0]), self.canal_width])
+        out["disc_s"] = np.concatenate([self.thoracic_disc[0], self.disc_s])
+        out["disc_half"] = np.concatenate([self.thoracic_disc[1], self.disc_half])
+        out["disc_bulge"] = np.concatenate([np.zeros(n), self.disc_bulge])
+        out["disc_degenerate"] = np.concatenate([np.zeros(n, bool), self.disc_degenerate])
+        return out
 
     def coords(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Spine coordinates ``(s, u, dx)`` of patient-mm points (arrays of one shape)."""
@@ -142,16 +188,20 @@ class Spine:
         ay, az = self.apex_dir
         u = self.radius - np.hypot(vy, vz)
         s = self.s_apex + self.radius * np.arctan2(ay * vz - az * vy, ay * vy + az * vz)
+        if self.scoliosis[0] != 0:
+            return s, u, x - self.x_mid - self.lateral_at(s)
         return s, u, x - self.x_mid
 
     # ---- smooth profiles along s
     def depth_at(self, s):
-        """Vertebral AP depth (mm) interpolated along s."""
-        return np.interp(s, self.body_s, self.body_depth)
+        """Vertebral AP depth (mm) interpolated along s (over the drawn bodies)."""
+        d = self.drawn()
+        return np.interp(s, d["body_s"], d["body_depth"])
 
     def canal_width_at(self, s):
         """Normal (unnarrowed) canal AP width (mm) along s."""
-        return np.interp(s, self.body_s, self.canal_width)
+        d = self.drawn()
+        return np.interp(s, d["body_s"], d["canal_width"])
 
     def narrowing_at(self, s):
         """Canal narrowing fraction along s: flat over each disc, tapering over 4 mm (scaled) above/below."""
@@ -242,17 +292,56 @@ class Spine:
         return self.point(s, u, lat if side == "left" else -lat)
 
 
-def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]]) -> Spine:
-    """Draw a random spine: size, curvature, tilt, position and per-level degeneration.
+def _layout(body_h: np.ndarray, disc_h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Centres ``s`` (mm) of the bodies and discs stacked from the top of T10 at ``s = 0``."""
+    nb, nd = len(body_h), len(disc_h)
+    body_s = np.empty(nb)
+    disc_s = np.empty(nd)
+    top = 0.0
+    for k in range(nb):
+        body_s[k] = top + 0.5 * body_h[k]
+        top += body_h[k]
+        if k < nd:
+            disc_s[k] = top + 0.5 * disc_h[k]
+            top += disc_h[k]
+    return body_s, disc_s
 
-    ``freqs`` as returned by :func:`check_class_frequencies`. Labels are drawn independently per level.
-    """
-    sc = rng.uniform(0.85, 1.15)
+
+def _transitional(lumbar: int, body_h, disc_h, depth, half_width) -> None:
+    """Transitional anatomy in place (see ``profiles.AnatomyProfile``): 6 lumbar-type vertebrae make T12 and
+    the disc above it lumbar-sized (as L1 and T12-L1), 4 make L1 and the disc above it thoracic-sized (as T11
+    and T11-T12). Level names stay counted from the sacrum."""
+    t11, t12, l1 = (BODY_NAMES.index(n) for n in ("T11", "T12", "L1"))
+    if lumbar == 6:
+        for arr in (body_h, depth, half_width):
+            arr[t12] = 0.98 * arr[l1]
+        disc_h[t12 - 1] = disc_h[t12]  # T11-T12 as T12-L1
+    elif lumbar == 4:
+        for arr in (body_h, depth, half_width):
+            arr[l1] = arr[t11]
+        disc_h[t12] = disc_h[t11]  # T12-L1 as T11-T12
+
+
+def _thoracic(top: float, sc: float, f: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Thoracic bodies T7..T9 stacked above ``top`` (T10's cranial endplate, mm): (4, 3) and (2, 3) arrays of
+    :class:`Spine` ``thoracic`` / ``thoracic_disc``; ``f`` six height factors (bodies, then discs)."""
+    hb = _THORACIC_HEIGHT * sc * np.asarray(f[:3])
+    hd = _THORACIC_DISC * sc * np.asarray(f[3:])
+    bs, ds = np.empty(3), np.empty(3)
+    for k in (2, 1, 0):
+        ds[k] = top - 0.5 * hd[k]
+        top -= hd[k]
+        bs[k] = top - 0.5 * hb[k]
+        top -= hb[k]
+    return np.stack([bs, 0.5 * hb, _THORACIC_DEPTH * sc, _THORACIC_HALF_WIDTH * sc]), np.stack([ds, 0.5 * hd])
+
+
+def _degeneration(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]]) -> dict:
+    """Labels and their geometry: class indices, degenerative discs / bodies, canal narrowing per disc."""
     nb, nd = len(BODY_NAMES), len(DISC_NAMES)
     stenosis = rng.choice(3, size=len(RSNA_LEVELS), p=freqs["stenosis"])
     disc_deg_lab = rng.choice(2, size=len(TIANCHI_DISC_LEVELS), p=freqs["disc"])
     vert_deg_lab = rng.choice(2, size=len(TIANCHI_VERTEBRA_LEVELS), p=freqs["vertebra"])
-
     disc_deg = np.zeros(nd, bool)
     for lv, c in zip(TIANCHI_DISC_LEVELS, disc_deg_lab):
         disc_deg[DISC_NAMES.index(lv)] = bool(c)
@@ -263,28 +352,49 @@ def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]])
     for lv, c in zip(_STENOSIS_DISCS, stenosis):
         lo, hi = STENOSIS_RESIDUAL[c]
         narrowing[DISC_NAMES.index(lv)] = 1.0 - rng.uniform(lo, hi)
+    return dict(
+        stenosis=stenosis,
+        disc_lab=disc_deg_lab,
+        vert_lab=vert_deg_lab,
+        disc_deg=disc_deg,
+        body_deg=body_deg,
+        narrowing=narrowing,
+    )
 
+
+def sample_spine(
+    rng: np.random.Generator, freqs: Mapping[str, Sequence[float]], anatomy: Mapping | None = None
+) -> Spine:
+    """Draw a random spine: size, curvature, tilt, position and per-level degeneration.
+
+    ``freqs`` as returned by :func:`check_class_frequencies`. Labels are drawn independently per level.
+    ``anatomy``: the realistic profile's draws (``profiles.sample_anatomy``: transitional anatomy, collapsed
+    discs, lordosis, scoliosis, thoracic bodies above T10), applied on top of the same random draws, so the
+    labels never depend on it; None gives the original spine.
+    """
+    sc = rng.uniform(0.85, 1.15)
+    nb, nd = len(BODY_NAMES), len(DISC_NAMES)
+    lab = _degeneration(rng, freqs)
+    disc_deg = lab["disc_deg"]
     body_h = _BODY_HEIGHT * sc * rng.uniform(0.94, 1.06, nb)
-    disc_h = _DISC_HEIGHT * sc * rng.uniform(0.9, 1.1, nd)
-    disc_h = np.where(disc_deg, disc_h * rng.uniform(0.55, 0.75, nd), disc_h)
+    base_h = _DISC_HEIGHT * sc * rng.uniform(0.9, 1.1, nd)
+    deg_f = rng.uniform(0.55, 0.75, nd)
     bulge = np.where(disc_deg, rng.uniform(2.0, 4.0, nd), rng.uniform(0.0, 0.6, nd)) * sc
     bulge[-2:] = 0.0  # rudimentary sacral discs
-
-    # centres along the arc, T10 top at s = 0
-    body_s = np.empty(nb)
-    disc_s = np.empty(nd)
-    top = 0.0
-    for k in range(nb):
-        body_s[k] = top + 0.5 * body_h[k]
-        top += body_h[k]
-        if k < nd:
-            disc_s[k] = top + 0.5 * disc_h[k]
-            top += disc_h[k]
+    if anatomy is not None:  # heights now (they set the layout); depth and width once drawn, below
+        _transitional(anatomy["lumbar"], body_h, base_h, np.ones(nb), np.ones(nb))
+    disc_h = np.where(disc_deg, base_h * deg_f, base_h)
+    if anatomy is not None:
+        collapse = np.asarray(anatomy["collapse"], float)
+        disc_h = np.where(disc_deg & (collapse > 0), base_h * collapse, disc_h)
+    body_s, disc_s = _layout(body_h, disc_h)
 
     # lordosis: the arc from the T12-L1 disc to the S1 centre turns by 25-50 degrees; the most anterior
     # point (apex) is near L2-L3 so the thoracolumbar part stays near vertical and L5-S1 angles back
     i_t12l1, i_s1 = DISC_NAMES.index("T12-L1"), BODY_NAMES.index("S1")
     lordosis = np.deg2rad(rng.uniform(25.0, 50.0))
+    if anatomy is not None:
+        lordosis = np.deg2rad(anatomy["lordosis"])
     radius = (body_s[i_s1] - disc_s[i_t12l1]) / lordosis
     s_apex = disc_s[DISC_NAMES.index("L2-L3")] + rng.uniform(-12.0, 12.0) * sc
     tilt = np.deg2rad(rng.uniform(-6.0, 6.0))
@@ -297,33 +407,55 @@ def sample_spine(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]])
     centre = mid_yz - radius * d_mid
 
     canal = rng.uniform(12.6, 15.0)  # normal canal AP width ~12-16 mm at the lumbar levels (not scaled)
-    tags = tuple(str(rng.choice(_DEGENERATIVE_DISC_TAGS)) if c else "v1" for c in disc_deg_lab)
+    tags = tuple(str(rng.choice(_DEGENERATIVE_DISC_TAGS)) if c else "v1" for c in lab["disc_lab"])
+    x_mid = float(rng.uniform(-15.0, 15.0))
+    depth = _BODY_DEPTH * sc * rng.uniform(0.95, 1.05, nb)
+    half_width = _BODY_HALF_WIDTH * sc
+    extra = {}
+    if anatomy is not None:
+        depth, half_width = depth.copy(), half_width.copy()
+        _transitional(anatomy["lumbar"], np.ones(nb), np.ones(nd), depth, half_width)
+        extra = _realistic_fields(anatomy, body_s[0] - 0.5 * body_h[0], sc, disc_s)
     return Spine(
         scale=float(sc),
-        x_mid=float(rng.uniform(-15.0, 15.0)),
+        x_mid=x_mid,
         centre=centre,
         radius=float(radius),
         apex_dir=apex_dir,
         s_apex=float(s_apex),
         body_s=body_s,
         body_half=0.5 * body_h,
-        body_depth=_BODY_DEPTH * sc * rng.uniform(0.95, 1.05, nb),
-        body_half_width=_BODY_HALF_WIDTH * sc,
+        body_depth=depth,
+        body_half_width=half_width,
         body_marrow=rng.uniform(0.9, 1.1, nb),
-        body_degenerate=body_deg,
+        body_degenerate=lab["body_deg"],
         disc_s=disc_s,
         disc_half=0.5 * disc_h,
         disc_bulge=bulge,
         disc_degenerate=disc_deg,
-        disc_narrowing=narrowing,
+        disc_narrowing=lab["narrowing"],
         canal_width=canal * _CANAL_REL * rng.uniform(0.98, 1.02, nb),
         canal_half_width=float(rng.uniform(10.0, 12.0) * sc),
         canal_gap=float(rng.uniform(1.2, 2.0) * sc),
         conus_s=float(body_s[BODY_NAMES.index("L1")] + rng.uniform(-15.0, 15.0) * sc),
-        stenosis=tuple(int(c) for c in stenosis),
-        disc_labels=tuple(int(c) for c in disc_deg_lab),
-        vertebra_labels=tuple(int(c) for c in vert_deg_lab),
+        stenosis=tuple(int(c) for c in lab["stenosis"]),
+        disc_labels=tuple(int(c) for c in lab["disc_lab"]),
+        vertebra_labels=tuple(int(c) for c in lab["vert_lab"]),
         disc_tags=tags,
+        **extra,
+    )
+
+
+def _realistic_fields(anatomy: Mapping, top: float, sc: float, disc_s: np.ndarray) -> dict:
+    """:class:`Spine` fields of the realistic anatomy: lumbar count, scoliosis, thoracic bodies above ``top``."""
+    amp, where, width = anatomy["scoliosis"]
+    a, b = disc_s[DISC_NAMES.index("T12-L1")], disc_s[DISC_NAMES.index("L5-S1")]
+    thoracic, thoracic_disc = _thoracic(top, sc, anatomy["thoracic"])
+    return dict(
+        lumbar=int(anatomy["lumbar"]),
+        scoliosis=(float(amp), float(a + where * (b - a)), float(width * sc)),
+        thoracic=thoracic,
+        thoracic_disc=thoracic_disc,
     )
 
 

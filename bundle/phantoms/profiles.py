@@ -1,8 +1,10 @@
-"""Phantom appearance profiles: "easy" (the original look) and "realistic" (domain-randomised, after SynthSeg).
+"""Phantom profiles: "easy" (the original look and anatomy) and "realistic" (domain-randomised, after SynthSeg).
 
-A profile is one :class:`AppearanceProfile` of documented ranges. :func:`sample_appearance` draws the
-per-series parameters from a generator seeded by ``(seed, study index, series position)`` on a stream of
-its own, so the anatomy, labels and the "easy" images never depend on the profile.
+The realistic profile is one :class:`AppearanceProfile` (per series) and one :class:`AnatomyProfile` (per
+study) of documented ranges and rates. :func:`sample_appearance` draws the per-series parameters from a
+generator seeded by ``(seed, study index, 21, series position)``, :func:`sample_anatomy` the per-study anatomy
+from ``(seed, study index, 22)``: streams of their own, so the grades and the "easy" studies never depend
+on the profile (the realistic keypoints do: they follow its anatomy).
 """
 
 from __future__ import annotations
@@ -11,10 +13,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["PROFILES", "REALISTIC", "AppearanceProfile", "check_profile", "sample_appearance"]
+__all__ = [
+    "ANATOMY",
+    "PROFILES",
+    "REALISTIC",
+    "AnatomyProfile",
+    "AppearanceProfile",
+    "check_profile",
+    "sample_anatomy",
+    "sample_appearance",
+]
 
 PROFILES = ("easy", "realistic")
 _APPEARANCE_STREAM = 21  # random stream of the appearance draws, next to the study's streams in study.py
+_ANATOMY_STREAM = 22  # random stream of the anatomy draws
 
 
 @dataclass(frozen=True)
@@ -47,6 +59,40 @@ class AppearanceProfile:
 REALISTIC = AppearanceProfile()
 
 
+@dataclass(frozen=True)
+class AnatomyProfile:
+    """Rates and ranges ``(low, high)`` of the per-study anatomy draws of the realistic profile (uniform).
+
+    Field of view: the top edge of the sagittal series lies at the cranial endplate of one of ``fov_tops``
+    (T8..T11: the lower thoracic spine and its discs are drawn, and never labelled) or, for "cut", inside
+    T12 at ``fov_cut`` of its height above its caudal endplate (cut just above L1; the T12-L1 disc stays in
+    view). Labelled discs are those of the data set (RSNA L1/L2..L5/S1; Tianchi T12-L1..L5-S1 and L1..L5).
+
+    Transitional anatomy (``lstv_rate``, half of it each way): level names are counted from the sacrum, as
+    RSNA readers label, so the labels stay on the five lowest mobile discs L1/L2..L5/S1 and only the look
+    changes: with 6 lumbar-type vertebrae the unlabelled vertebra above L1 (T12) is lumbar-sized with a
+    lumbar-height disc above it; with 4, the vertebra labelled L1 is thoracic-sized with a thoracic disc
+    above it (T12-L1).
+
+    Lengths in mm at spine scale 1, angles in degrees.
+    """
+
+    fov_tops: tuple[str, ...] = ("T8", "T9", "T10", "T11", "cut")
+    fov_top_p: tuple[float, ...] = (0.15, 0.2, 0.25, 0.25, 0.15)
+    fov_cut: tuple[float, float] = (0.15, 0.6)  # fraction of T12's height above its caudal endplate
+    lstv_rate: float = 0.06  # lumbosacral transitional anatomy: 4 or 6 lumbar-type vertebrae (equally likely)
+    lordosis: tuple[float, float] = (10.0, 65.0)  # turn of the arc T12-L1 .. S1 (easy: 25..50)
+    scoliosis_rate: float = 0.35  # a lateral (coronal) curve of the centreline
+    scoliosis_mm: tuple[float, float] = (4.0, 20.0)  # its lateral deviation at the apex (sign random)
+    scoliosis_width: tuple[float, float] = (40.0, 90.0)  # its Gaussian half-width along the spine
+    collapse_rate: float = 0.3  # per degenerative disc: collapsed to a fraction of its normal height
+    collapse: tuple[float, float] = (0.2, 0.4)  # that fraction (other degenerative discs: 0.55..0.75)
+    thoracic_height: tuple[float, float] = (0.94, 1.06)  # jitter of the drawn T7..T9 bodies and discs
+
+
+ANATOMY = AnatomyProfile()
+
+
 def check_profile(profile: str) -> str:
     """Return ``profile`` if it is one of ``PROFILES``, else raise ValueError naming them."""
     if profile not in PROFILES:
@@ -56,6 +102,36 @@ def check_profile(profile: str) -> str:
 
 def _u(rng: np.random.Generator, r: tuple[float, float]) -> float:
     return float(rng.uniform(*r))
+
+
+def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
+    """Anatomy draws of study ``(seed, index)``; None for "easy" (the original anatomy).
+
+    Keys: ``fov_top`` (one of ``ANATOMY.fov_tops``), ``fov_cut`` (fraction, used when "cut"), ``lumbar``
+    (5, or 4 / 6 lumbar-type vertebrae), ``lordosis`` (degrees), ``scoliosis`` (deviation mm, 0 = none;
+    centre as a fraction 0..1 of T12-L1 .. L5-S1; half-width mm), ``collapse`` (per disc of
+    ``anatomy.DISC_NAMES``: height fraction, 0 = not collapsed; applies to degenerative discs only),
+    ``thoracic`` (3 body and 3 disc height factors of T7..T9 and T7-T8..T9-T10, cranial first).
+    """
+    if check_profile(profile) == "easy":
+        return None
+    from bundle.phantoms.anatomy import DISC_NAMES  # anatomy imports nothing from here
+
+    p = ANATOMY
+    rng = np.random.default_rng([seed, index, _ANATOMY_STREAM])
+    draw = dict(fov_top=str(rng.choice(p.fov_tops, p=p.fov_top_p)), fov_cut=_u(rng, p.fov_cut))
+    u = rng.random(2)
+    draw.update(lumbar=5 if u[0] >= p.lstv_rate else 4 if u[1] < 0.5 else 6, lordosis=_u(rng, p.lordosis))
+    amp = _u(rng, p.scoliosis_mm) * (1 if rng.random() < 0.5 else -1)
+    draw.update(
+        scoliosis=(amp if rng.random() < p.scoliosis_rate else 0.0, float(rng.random()), _u(rng, p.scoliosis_width))
+    )
+    col = rng.uniform(*p.collapse, len(DISC_NAMES))
+    draw.update(
+        collapse=tuple(float(c) if r < p.collapse_rate else 0.0 for c, r in zip(col, rng.random(len(DISC_NAMES))))
+    )
+    draw.update(thoracic=tuple(float(v) for v in rng.uniform(*p.thoracic_height, 6)))
+    return draw
 
 
 def sample_appearance(profile: str, seed: int, index: int, j: int, contrast: str) -> dict | None:

@@ -14,6 +14,7 @@ import numpy as np
 from bundle.phantoms.anatomy import (
     BODY_NAMES,
     DISC_NAMES,
+    THORACIC_NAMES,
     Lateral,
     Spine,
     check_class_frequencies,
@@ -27,7 +28,7 @@ from bundle.phantoms.geometry import (
     sample_axial_stack,
     sample_sagittal,
 )
-from bundle.phantoms.profiles import check_profile, sample_appearance
+from bundle.phantoms.profiles import check_profile, sample_anatomy, sample_appearance
 from bundle.phantoms.render import render_realistic, render_series
 from bundle.rsna_labels import CONDITION_NAMES, CONDITIONS, LEVELS
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
@@ -43,6 +44,7 @@ __all__ = [
     "PhantomStudy",
     "phantom_study",
     "fov_top_s",
+    "realistic_top_s",
 ]
 
 PHI_MARKER = "XPHIX"  # in PatientName, PatientID and InstitutionName of every phantom file
@@ -123,6 +125,7 @@ class PhantomStudy:
     series: tuple[PhantomSeries, ...]
     lateral: Lateral | None = None
     empty: frozenset = frozenset()
+    anatomy: dict | None = None  # realistic profile's anatomy draws (bundle.phantoms.profiles); None: easy
 
     @property
     def has_sagittal_t2(self) -> bool:
@@ -292,13 +295,32 @@ def _instance_numbers(rng: np.random.Generator, n: int, kind: str) -> tuple[int,
 
 
 def fov_top_s(spine: Spine, body: str) -> float:
-    """Arc length ``s`` (mm) of the cranial endplate of vertebral ``body`` (T9 lies one T10 height above T10)."""
+    """Arc length ``s`` (mm) of the cranial endplate of vertebral ``body`` (one of ``FOV_TOPS``)."""
     if body not in FOV_TOPS:
         raise ValueError(f"fov_top must be one of {FOV_TOPS}, got {body!r}")
-    if body == "T9":  # not modelled: its cranial endplate is one T10 body and one T9-T10 disc above T10's
+    return _body_top_s(spine, body)
+
+
+def _body_top_s(spine: Spine, body: str) -> float:
+    """Cranial endplate ``s`` (mm) of ``body``: T7..T9 from the drawn thoracic bodies where the spine has them
+    (realistic profile), else T9 lies one T10 body and one T9-T10 disc above T10's cranial endplate."""
+    if body in THORACIC_NAMES and spine.thoracic.shape[1]:
+        k = THORACIC_NAMES.index(body)
+        return float(spine.thoracic[0, k] - spine.thoracic[1, k])
+    if body == "T9":
         return float(spine.body_s[0] - 3.0 * spine.body_half[0] - 2.0 * spine.disc_half[0])
     k = BODY_NAMES.index(body)
     return float(spine.body_s[k] - spine.body_half[k])
+
+
+def realistic_top_s(spine: Spine, anatomy: Mapping) -> float:
+    """Top edge ``s`` (mm) of the sagittal field of view drawn by the realistic profile (``anatomy["fov_top"]``):
+    a thoracic body's cranial endplate, or for "cut" inside T12 at ``fov_cut`` of its height above its caudal
+    endplate."""
+    if anatomy["fov_top"] != "cut":
+        return _body_top_s(spine, anatomy["fov_top"])
+    k = BODY_NAMES.index("T12")
+    return float(spine.body_s[k] + spine.body_half[k] * (1.0 - 2.0 * anatomy["fov_cut"]))
 
 
 def _fov_from_top(geom: SeriesGeometry, spine: Spine, top_s: float) -> SeriesGeometry:
@@ -455,11 +477,14 @@ def phantom_study(
         min_size, max_size: range of Rows/Columns in pixels (sagittal pixel spacing is 0.4-0.9 mm when
             the size allows a ~240 mm field of view, coarser for tiny test images).
         class_frequencies: see :func:`bundle.phantoms.anatomy.check_class_frequencies`.
-        fov_top: None (the default field of view, around T12..S1 and every keypoint) or one of ``FOV_TOPS``:
-            the top edge of the sagittal series then lies at that vertebra's cranial endplate (T9..L1) and the
-            field of view reaches down past S1; keypoints above the top edge fall outside the image.
-        profile: "easy" (the original look) or "realistic" (randomised appearance, spacing 0.3..1.2 mm,
-            thickness 3..6 mm, 12/16-bit; see ``bundle.phantoms.profiles``). Anatomy and labels do not depend on it.
+        fov_top: None (the default field of view: around T12..S1 and every keypoint for "easy", drawn per
+            study for "realistic") or one of ``FOV_TOPS``: the top edge of the sagittal series then lies at that
+            vertebra's cranial endplate (T9..L1) and the field of view reaches down past S1; keypoints above the
+            top edge fall outside the image.
+        profile: "easy" (the original look and anatomy) or "realistic" (randomised appearance, spacing
+            0.3..1.2 mm, thickness 3..6 mm, 12/16-bit; field of view from T8..T11 or cut just above L1,
+            transitional anatomy, lordosis, scoliosis, collapsed discs: see ``bundle.phantoms.profiles``).
+            The grades do not depend on it; the realistic keypoints follow its anatomy.
 
     Example:
         >>> st = phantom_study(0, 0, "rsna", min_size=64, max_size=96)
@@ -478,12 +503,15 @@ def phantom_study(
     freqs = check_class_frequencies(class_frequencies)
     seed, index = int(seed), int(index)
     rng = np.random.default_rng([seed, index])
-    spine = sample_spine(rng, freqs)
+    anatomy = sample_anatomy(profile, seed, index)
+    spine = sample_spine(rng, freqs, anatomy)
     kp = spine.keypoints()
     fov_points = np.array(
         [p for group in kp.values() for p in group.values()] + [spine.body_centre("T12"), spine.body_centre("S1")]
     )
     top_s = None if fov_top is None else fov_top_s(spine, fov_top)
+    if top_s is None and anatomy is not None:
+        top_s = realistic_top_s(spine, anatomy)
     if top_s is not None:  # keep what lies below the top edge in view: the top point, the lumbar keypoints, S1
         arc = spine.coords(fov_points[:, 0], fov_points[:, 1], fov_points[:, 2])[0]
         fov_points = np.concatenate([spine.point(top_s)[None], fov_points[arc > top_s]])
@@ -533,4 +561,5 @@ def phantom_study(
         series=tuple(series),
         lateral=lateral,
         empty=frozenset(empty or ()),
+        anatomy=anatomy,
     )
