@@ -24,6 +24,7 @@ from bundle.io.axial import (
 from bundle.io.dicom_series import patient_to_pixel, pixel_to_patient, slice_header
 from bundle.io.pixels import read_header
 from bundle.phantoms import generate_phantoms
+from bundle.rsna_labels import LEVELS
 from bundle.skipping import SKIPPED_KEY
 from bundle.streams import RSNA_AXIAL_STREAMS
 from bundle.workflow import default_streams, load_datalist
@@ -128,7 +129,12 @@ def test_study_without_axial_is_skipped_and_bad_row_is_an_error(phantoms, tmp_pa
         items = build_rsna_axial_datalist(root)
     assert study not in {it["study_id"] for it in items} and "no Axial T2 series" in caplog.text
     kept = build_rsna_axial_datalist(root, keep_unusable=True)
-    assert any(it["study_id"] == study and "Axial T2" in it.get(SKIPPED_KEY, "") for it in kept)
+    skipped = [it for it in kept if it["study_id"] == study]
+    assert [it["level"] for it in skipped] == list(LEVELS) and all("Axial T2" in it[SKIPPED_KEY] for it in skipped)
+    from bundle.transforms import KeypointsToArraysd  # evaluation reads a skipped item's labels as missed points
+
+    arrays = KeypointsToArraysd(keys="keypoints", streams=default_streams("rsna", "axial_t2"))(skipped[0])
+    assert all(torch.isnan(torch.as_tensor(arrays[f"{side}_subarticular_points"])).all() for side in ("left", "right"))
 
     rows = coords.read_text().splitlines()
     rows[2] = ",".join(rows[2].split(",")[:-1] + ["abc"])

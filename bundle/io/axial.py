@@ -253,6 +253,14 @@ def _study_items(
     return items
 
 
+def _unlocated(conditions: dict, level: str) -> dict:
+    """The axial streams' labels of one level without points (a study no axial slice can be read for)."""
+    return {
+        spec.name: {"mm": [None], "label": [int(conditions[f"{spec.name}_stenosis"][level]["severity"])]}
+        for spec in RSNA_AXIAL_STREAMS
+    }
+
+
 def build_rsna_axial_datalist(root: str | os.PathLike, *, keep_unusable: bool = False) -> list[dict]:
     """Axial T2 items of an RSNA train folder, one per (study, level), in train.csv then level order.
 
@@ -275,8 +283,11 @@ def build_rsna_axial_datalist(root: str | os.PathLike, *, keep_unusable: bool = 
                 raise BundleInputError(f"no {RSNA_AXIAL_T2} series listed in {root / 'train_series_descriptions.csv'}")
             stacks = read_axial_stacks([folder / sid for sid in axials])
         except BundleInputError as err:  # the study is unusable; a bad label row below is an error
-            if keep_unusable:
-                items.append(skipped_item(study, str(err)))
+            if keep_unusable:  # one skipped item per level, its labels kept (evaluation counts them as missed)
+                items += [
+                    skipped_item(study, str(err), level=level, keypoints=_unlocated(conditions, level))
+                    for level in RSNA_LEVELS
+                ]
             else:
                 logger.warning("study %s: %s, skipped", study, err)
             continue
