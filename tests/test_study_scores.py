@@ -140,3 +140,18 @@ def test_bad_outputs_are_named(phantoms, tmp_path):
     bad.write_text(json.dumps({"keypoints": [{"level": "L1/L2"}]}))
     with pytest.raises(BundleInputError, match=r"keypoints.json: keypoint 0 lacks"):
         read_study_keypoints(bad)
+
+
+def test_score_study_script_writes_the_json(phantoms, tmp_path):
+    import subprocess
+    import sys
+
+    _write_run(tmp_path, _truth(phantoms))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_study.py"
+    args = [sys.executable, str(script), "--outputs", str(tmp_path), "--dataset_dir", str(phantoms)]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    written = json.loads((tmp_path / "study_scores.json").read_text())
+    assert written["keypoints"]["foraminal"]["pck"]["6"] == 1.0 and "PCK-6 1.000" in done.stdout
+    missing = subprocess.run([*args[:3], str(tmp_path / "none"), *args[4:]], capture_output=True, text=True)
+    assert missing.returncode == 2 and "submission.csv not found" in missing.stderr
