@@ -47,6 +47,10 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
         assert (amp == 0 or _inside(p.scoliosis_mm, abs(amp))) and 0 <= where <= 1
         assert len(a["collapse"]) == len(DISC_NAMES) and all(c == 0 or _inside(p.collapse, c) for c in a["collapse"])
         assert all(_inside(p.thoracic_height, f) for f in a["thoracic"]) and len(a["thoracic"]) == 6
+        assert all(
+            _inside(p.schmorl_mm, r) and side in (-1, 1) and _inside(p.schmorl_u, f) for r, side, f in a["schmorl"]
+        )
+        assert all(v == 0 or _inside(p.spur_mm, v) for v in a["spur"])
         seen["top"].add(a["fov_top"])
         seen["lumbar"].add(a["lumbar"])
         seen["scoliosis"].add(amp != 0)
@@ -66,6 +70,10 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
                 ratio = sp.disc_half[k] / easy.disc_half[k]  # collapse fraction / ordinary factor 0.55..0.75
                 assert p.collapse[0] / 0.75 - 1e-9 <= ratio <= p.collapse[1] / 0.55 + 1e-9
         assert np.all(np.diff(sp.drawn()["body_s"]) > 0) and np.all(np.diff(sp.drawn()["disc_s"]) > 0)
+        # Schmorl's nodes exactly at the discs tagged v5, osteophytes only at degenerative discs
+        v5 = {lv for lv, tag in zip(TIANCHI_DISC_LEVELS, sp.disc_tags) if "v5" in tag.split(",")}
+        assert {DISC_NAMES[k] for k in np.flatnonzero(sp.disc_node[0])} == v5
+        assert not np.any(sp.disc_spur[~sp.disc_degenerate])
     assert seen["top"] == set(p.fov_tops) and seen["lumbar"] == {4, 5, 6} and seen["scoliosis"] == {True, False}
     assert seen["collapsed"] > 0
 

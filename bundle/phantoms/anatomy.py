@@ -142,6 +142,10 @@ class Spine:
     # and the discs below each of them (T7-T8 .. T9-T10): centre s, half height
     thoracic: np.ndarray = field(default_factory=lambda: np.zeros((4, 0)))
     thoracic_disc: np.ndarray = field(default_factory=lambda: np.zeros((2, 0)))
+    # per disc: Schmorl's node (radius mm, 0 = none; endplate side -1 cranial / +1 caudal; AP offset mm) and the
+    # anterior osteophytes of its two endplates (reach mm, 0 = none)
+    disc_node: np.ndarray = field(default_factory=lambda: np.zeros((3, len(DISC_NAMES))))
+    disc_spur: np.ndarray = field(default_factory=lambda: np.zeros(len(DISC_NAMES)))
 
     # ---- mapping between patient mm and spine coordinates
     def lateral_at(self, s):
@@ -179,6 +183,8 @@ class Spine:
         out["disc_half"] = np.concatenate([self.thoracic_disc[1], self.disc_half])
         out["disc_bulge"] = np.concatenate([np.zeros(n), self.disc_bulge])
         out["disc_degenerate"] = np.concatenate([np.zeros(n, bool), self.disc_degenerate])
+        out["disc_node"] = np.concatenate([np.zeros((3, n)), self.disc_node], axis=1)
+        out["disc_spur"] = np.concatenate([np.zeros(n), self.disc_spur])
         return out
 
     def coords(self, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -416,6 +422,7 @@ def sample_spine(
         depth, half_width = depth.copy(), half_width.copy()
         _transitional(anatomy["lumbar"], np.ones(nb), np.ones(nd), depth, half_width)
         extra = _realistic_fields(anatomy, body_s[0] - 0.5 * body_h[0], sc, disc_s)
+        extra.update(_endplate_changes(anatomy, tags, disc_deg, depth, sc))
     return Spine(
         scale=float(sc),
         x_mid=x_mid,
@@ -444,6 +451,20 @@ def sample_spine(
         disc_tags=tags,
         **extra,
     )
+
+
+def _endplate_changes(anatomy: Mapping, tags: Sequence[str], disc_deg: np.ndarray, depth: np.ndarray, sc) -> dict:
+    """:class:`Spine` ``disc_node`` (Schmorl's nodes where the Tianchi tag has v5) and ``disc_spur`` (osteophytes
+    at degenerative discs) from the anatomy draws."""
+    nd = len(DISC_NAMES)
+    node = np.zeros((3, nd))
+    for lv, tag in zip(TIANCHI_DISC_LEVELS, tags):
+        k = DISC_NAMES.index(lv)
+        if "v5" in tag.split(","):
+            r, side, u = anatomy["schmorl"][k]
+            node[:, k] = (r * sc, side, u * 0.5 * depth[k])
+    spur = np.where(disc_deg, np.asarray(anatomy["spur"], float) * sc, 0.0)
+    return dict(disc_node=node, disc_spur=spur)
 
 
 def _realistic_fields(anatomy: Mapping, top: float, sc: float, disc_s: np.ndarray) -> dict:

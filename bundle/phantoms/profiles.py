@@ -88,6 +88,10 @@ class AnatomyProfile:
     collapse_rate: float = 0.3  # per degenerative disc: collapsed to a fraction of its normal height
     collapse: tuple[float, float] = (0.2, 0.4)  # that fraction (other degenerative discs: 0.55..0.75)
     thoracic_height: tuple[float, float] = (0.94, 1.06)  # jitter of the drawn T7..T9 bodies and discs
+    schmorl_mm: tuple[float, float] = (1.5, 4.0)  # radius of the Schmorl's node of every disc tagged v5
+    schmorl_u: tuple[float, float] = (-0.5, 0.5)  # its AP position, fraction of the body's half depth
+    spur_rate: float = 0.5  # per degenerative disc: anterior osteophytes on both adjacent endplates
+    spur_mm: tuple[float, float] = (2.0, 6.0)  # their anterior reach
 
 
 ANATOMY = AnatomyProfile()
@@ -111,7 +115,10 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     (5, or 4 / 6 lumbar-type vertebrae), ``lordosis`` (degrees), ``scoliosis`` (deviation mm, 0 = none;
     centre as a fraction 0..1 of T12-L1 .. L5-S1; half-width mm), ``collapse`` (per disc of
     ``anatomy.DISC_NAMES``: height fraction, 0 = not collapsed; applies to degenerative discs only),
-    ``thoracic`` (3 body and 3 disc height factors of T7..T9 and T7-T8..T9-T10, cranial first).
+    ``thoracic`` (3 body and 3 disc height factors of T7..T9 and T7-T8..T9-T10, cranial first),
+    ``schmorl`` (per disc: node radius mm, endplate side -1 cranial / +1 caudal, AP position fraction;
+    drawn for every disc, shown only where the disc's Tianchi tag has v5), ``spur`` (per disc: osteophyte
+    reach mm, 0 = none; shown only at degenerative discs).
     """
     if check_profile(profile) == "easy":
         return None
@@ -131,6 +138,15 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
         collapse=tuple(float(c) if r < p.collapse_rate else 0.0 for c, r in zip(col, rng.random(len(DISC_NAMES))))
     )
     draw.update(thoracic=tuple(float(v) for v in rng.uniform(*p.thoracic_height, 6)))
+    nd = len(DISC_NAMES)
+    r, side, u = (
+        rng.uniform(*p.schmorl_mm, nd),
+        np.where(rng.random(nd) < 0.5, -1.0, 1.0),
+        rng.uniform(*p.schmorl_u, nd),
+    )
+    draw.update(schmorl=tuple((float(a), float(b), float(c)) for a, b, c in zip(r, side, u)))
+    spur = rng.uniform(*p.spur_mm, nd)
+    draw.update(spur=tuple(float(v) if w < p.spur_rate else 0.0 for v, w in zip(spur, rng.random(nd))))
     return draw
 
 

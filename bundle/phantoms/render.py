@@ -59,6 +59,7 @@ CONTRASTS: dict[str, dict[str, float]] = {
 _CHUNK_PIXELS = 32768  # pixels rendered per block
 _TABLE_STEP = 0.25  # mm between samples of the per-level parameter table along s
 _D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC, _XOFF = range(18)
+_NODE_R, _NODE_SIDE, _NODE_U, _SPUR = range(18, 22)  # Schmorl's node and osteophytes of the nearest disc
 # lateral table: nearest foramen (centre s, u, half extents a, b, fat ellipse scale left/right) and recess bulge
 # radius / canal half-width (left/right) at the nearest disc
 _FS, _FU, _FA, _FB, _FL, _FR, _RL, _RR = range(8)
@@ -86,12 +87,12 @@ def _box(s: np.ndarray, a: float, b: float, e: float) -> np.ndarray:
 
 
 def _profile_table(sp: Spine) -> tuple[float, np.ndarray]:
-    """Per-s parameters, shape (18, n) float32, sampled every ``_TABLE_STEP`` mm from ``s0`` (returned)."""
+    """Per-s parameters, shape (22, n) float32, sampled every ``_TABLE_STEP`` mm from ``s0`` (returned)."""
     s0 = -300.0
     s = np.arange(s0, sp.body_s[-1] + 300.0, _TABLE_STEP)
     d = sp.drawn()  # the thoracic bodies above T10 (realistic profile), then BODY_NAMES
     body_s, body_half, disc_s, disc_half = d["body_s"], d["body_half"], d["disc_s"], d["disc_half"]
-    t = np.zeros((18, s.size))
+    t = np.zeros((22, s.size))
     t[_D] = sp.depth_at(s)
     t[_WB] = np.interp(s, body_s, d["body_half_width"])
     kb = _clip(np.searchsorted(0.5 * (body_s[1:] + body_s[:-1]), s), 0, len(body_s) - 1)
@@ -114,6 +115,8 @@ def _profile_table(sp: Spine) -> tuple[float, np.ndarray]:
     t[_AORTA] = _clip((sp.body_s[BODY_NAMES.index("L4")] - s) / 5.0, 0, 1)
     t[_IVC] = _clip((sp.body_s[BODY_NAMES.index("L5")] - s) / 5.0, 0, 1)
     t[_XOFF] = sp.lateral_at(s)
+    t[_NODE_R], t[_NODE_SIDE], t[_NODE_U] = d["disc_node"][:, kd]
+    t[_SPUR] = d["disc_spur"][kd]
     return s0, np.ascontiguousarray(t, dtype=np.float32)
 
 
@@ -155,7 +158,7 @@ def _window(cond: np.ndarray) -> tuple[slice, slice] | None:
 def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float, tex, ltab=None) -> np.ndarray:
     """Noise-free signal of one slice; ``x, y, z`` (H, W) patient mm, ``tex`` (H, W) soft-tissue texture.
 
-    ``tab`` (18, n) from :func:`_profile_table`; ``ltab`` (8, n) from :func:`_lateral_table` adds the graded
+    ``tab`` (22, n) from :func:`_profile_table`; ``ltab`` (8, n) from :func:`_lateral_table` adds the graded
     foraminal fat loss and lateral recess bulges. ``v["marrow"]`` may be an (H, W) array. The vessels, the
     posterior structures and the column are evaluated only on the bounding window of the pixels where their
     soft fractions can be non-zero (bounds in spine coordinates with a margin): outside it they would add
@@ -193,11 +196,12 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
     img *= 1 - soft(u + hd + 230.0 * sc - curve)  # air beyond the anterior abdominal wall
 
     m = f32(0.5 * edge + _WINDOW_MARGIN)
+    spur = bool(sp.disc_spur.any())  # osteophytes reach in front of the bodies (realistic profile)
     reach = f32(max(7.5, _MAX_RECESS * sp.canal_half_width))  # laminae / recess bulge in front of ``post``
     windows = (
         (_vessels, (u < m - hd - sc) & (u > -hd - 21 * sc - m) & (lat < 28 * sc + m)),
         (_posterior, (u > np.minimum(hd, post - reach) - m) & (u < post + 34 * sc + m) & (lat < 26 * sc + m)),
-        (_column, _column_support(u, hd, lat, tab[_WB][idx], bulge, m)),
+        (_column, _column_support(u, hd, lat, tab[_WB][idx], bulge, m + f32(sp.disc_spur.max()) if spur else m)),
     )
     for part, cond in windows:
         win = _window(cond)
@@ -295,9 +299,35 @@ def _column(sp: Spine, p, q, px: dict, v: dict, soft, img: np.ndarray) -> None:
     nuc_val = v["nucleus"] + (v["degenerate"] - v["nucleus"]) * p[_DDEG]
     i_disc = v["annulus"] + (nuc_val - v["annulus"]) * nuc
 
+    if sp.disc_node.any() or sp.disc_spur.any():  # realistic profile only (the easy images stay as they were)
+        f_body, i_body, f_disc = _endplates(sp, p, (s, u, dx, hd), v, soft, (f_body, i_body, f_disc))
     f_col = f_body + f_disc
     i_col = (i_body * f_body + i_disc * f_disc) / np.maximum(f_col, 1e-6)
     img += (i_col - img) * np.minimum(f_col, 1)
+
+
+def _endplates(sp: Spine, p, coords: tuple, v: dict, soft, parts: tuple) -> tuple[np.ndarray, ...]:
+    """Schmorl's node (disc tissue in a round pit of one endplate) and anterior osteophytes (cortex spurs at both
+    endplates) of the nearest disc, within the bodies' width: returns the updated body fraction, body signal and
+    disc fraction. ``coords`` = ``(s, u, dx, hd)`` in mm."""
+    f_body, i_body, f_disc = parts
+    s, u, dx, hd = coords
+    f32 = np.float32
+    r = p[_NODE_R]
+    centre = p[_DS] + p[_NODE_SIDE] * (p[_DH] + f32(0.4) * r)
+    node = soft(_hypot(s - centre, u - p[_NODE_U]) - r) * ((r > 0) & (np.abs(dx) < f32(0.6) * p[_WB]))
+    f_disc = np.maximum(f_disc, node)
+    f_body = f_body * (1 - node)
+    reach = p[_SPUR]
+    spur = np.zeros_like(f_body)
+    for side in (-1.0, 1.0):  # a spur at the anterior corner of each endplate, pointing forward
+        ds = (s - (p[_DS] + f32(side) * p[_DH])) * f32(side)
+        du = -(u + hd)  # mm anterior of the body's front
+        dist = _hypot(du / (reach + f32(1e-3)), ds / (f32(0.45) * reach + f32(1e-3))) - 1
+        spur = np.maximum(spur, soft(dist * f32(0.45) * reach))
+    spur *= (reach > 0) & (np.abs(dx) < p[_WB])
+    i_body = i_body + (v["cortex"] - i_body) * spur
+    return np.maximum(f_body, spur), i_body, f_disc
 
 
 def _foramen_fat(q: np.ndarray, s, u, left, soft) -> np.ndarray:
