@@ -20,9 +20,9 @@ from bundle.codec import mm_to_pixels_np
 from bundle.csvrows import read_csv_rows
 from bundle.rsna_labels import CONDITIONS, GROUPS
 from bundle.rsna_labels import LEVEL_KEYS as LEVELS
-from bundle.rsna_labels import SAMPLE_WEIGHTS, SEVERITIES, SPINAL, snake
+from bundle.rsna_labels import SAMPLE_WEIGHTS, SEVERITIES, snake
 from bundle.skipping import SKIPPED_KEY
-from bundle.streams import StreamSpec, parse_streams
+from bundle.streams import AXIAL_LEVEL, STREAM_CONDITIONS, StreamSpec, parse_streams
 from ignite.engine import Engine, Events
 
 __all__ = [
@@ -155,6 +155,11 @@ class KeypointsWriter:
         streams: the model's streams (names, levels, classes).
         dataset_format: ``"rsna"`` adds ``submission.csv`` (25 rows per study, competition format).
         submission_streams: ``{stream: rsna condition}`` that the model predicts; other conditions get ``prior``.
+            Default for RSNA: ``bundle.streams.STREAM_CONDITIONS`` of the model's streams.
+
+    Items of one study may come in several iterations (the axial model: one item per level, its ``level``
+    naming the disc; keypoints.json then goes to ``{study}/{level key}/``): the submission has 25 rows per
+    study, each from the item that predicted it.
         prior: per-condition constant prediction (see ``read_rsna_prior``).
         overlay: write ``overlay.png`` per study.
     """
@@ -171,10 +176,24 @@ class KeypointsWriter:
         self.output_dir = Path(output_dir)
         self.specs = parse_streams(streams)
         self.dataset_format = dataset_format
-        self.submission_streams = dict(submission_streams or ({"disc": SPINAL} if dataset_format == "rsna" else {}))
+        default = {s.name: STREAM_CONDITIONS[s.name] for s in self.specs if s.name in STREAM_CONDITIONS}
+        self.submission_streams = dict(submission_streams or (default if dataset_format == "rsna" else {}))
         self.prior = {k: tuple(v) for k, v in (prior or RSNA_PRIOR).items()}
         self.overlay = overlay
-        self.rows: list[tuple[str, tuple[float, float, float]]] = []
+        self.predicted: dict[str, dict[tuple[str, str], tuple[float, ...]]] = {}
+
+    @property
+    def rows(self) -> list[tuple[str, tuple[float, ...]]]:
+        """Submission rows ``(row_id, probabilities)`` of the studies seen, 25 per study, in order seen."""
+        return [
+            (
+                f"{study}_{condition}_{level}",
+                tuple(float(p) for p in found.get((condition, level), self.prior[condition])),
+            )
+            for study, found in self.predicted.items()
+            for condition in CONDITIONS
+            for level in LEVELS
+        ]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._reset)
@@ -183,7 +202,7 @@ class KeypointsWriter:
             engine.add_event_handler(Events.COMPLETED, self.write_submission)
 
     def _reset(self, engine: Engine) -> None:
-        self.rows = []
+        self.predicted = {}
 
     def write_iteration(self, engine: Engine) -> None:
         """Write the studies of one evaluator iteration: its decollated batch and output (``keypoints``)."""
@@ -193,7 +212,7 @@ class KeypointsWriter:
         for item, result in zip(batch, output):
             if item.get(SKIPPED_KEY):  # no keypoints.json for a skipped study; its rows get the constant prediction
                 if self.dataset_format == "rsna":
-                    self._add_submission_rows(str(item["study_id"]), [])
+                    self._add_submission_rows(str(item["study_id"]), [], item.get("level"))
                 continue
             self.write_study(item, result["keypoints"])
 
@@ -215,13 +234,14 @@ class KeypointsWriter:
             "instance_number": instance_number,
             "keypoints": points,
         }
-        study_dir = self.output_dir / study_id
+        level = item.get("level")
+        study_dir = self.output_dir / study_id / (snake(str(level)) if level else "")
         study_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(study_dir / "keypoints.json", json.dumps(content, indent=2))
         if self.overlay:
             render_overlay(self._middle_slice(meta), points, study_dir / "overlay.png")
         if self.dataset_format == "rsna":
-            self._add_submission_rows(study_id, points)
+            self._add_submission_rows(study_id, points, level)
         return content
 
     @staticmethod
@@ -230,18 +250,18 @@ class KeypointsWriter:
 
         return read_dicom_pixels(meta["middle_filename"])
 
-    def _add_submission_rows(self, study_id: str, points: Sequence[Mapping[str, Any]]) -> None:
-        predicted: dict[tuple[str, str], tuple[float, float, float]] = {}
+    def _add_submission_rows(
+        self, study_id: str, points: Sequence[Mapping[str, Any]], item_level: str | None = None
+    ) -> None:
+        """Record a study's predicted (condition, level) probabilities; a point of the axial model's one level
+        (``AXIAL_LEVEL``) takes the item's ``level``."""
+        predicted = self.predicted.setdefault(study_id, {})
         for point in points:
             condition = self.submission_streams.get(point["stream"])
             if condition is None or len(point["probabilities"]) != 3:
                 continue
-            level = snake(point["level"])
-            predicted[(condition, level)] = tuple(point["probabilities"].values())
-        for condition in CONDITIONS:
-            for level in LEVELS:
-                probs = predicted.get((condition, level), self.prior[condition])
-                self.rows.append((f"{study_id}_{condition}_{level}", tuple(float(p) for p in probs)))
+            level = item_level if point["level"] == AXIAL_LEVEL and item_level else point["level"]
+            predicted[(condition, snake(str(level)))] = tuple(point["probabilities"].values())
 
     def write_submission(self, engine: Engine) -> None:
         buffer = io.StringIO()

@@ -190,3 +190,20 @@ def test_patient_to_pixel_inverts_pixel_to_patient(phantoms):
     point = pixel_to_patient(header, 17.25, 40.5) + 2.5 * header.normal
     x, y, d = patient_to_pixel(header, point)
     assert (x, y, d) == pytest.approx((17.25, 40.5, 2.5), abs=1e-9)
+
+
+def test_writer_merges_the_per_level_items_of_a_study_into_25_rows():
+    """The axial model's items are one per (study, level): the submission keeps 25 rows per study, each level's
+    subarticular rows from its own item, the rest the prior (evaluate.json with axial_t2.json)."""
+    from bundle.outputs import RSNA_PRIOR, KeypointsWriter
+
+    writer = KeypointsWriter("unused", default_streams("rsna", "axial_t2"))
+    probs = {"Normal/Mild": 0.1, "Moderate": 0.2, "Severe": 0.7}
+    for level in ("L1/L2", "L4/L5"):
+        points = [{"stream": s.name, "level": "disc", "probabilities": probs} for s in RSNA_AXIAL_STREAMS]
+        writer._add_submission_rows("7", points, level)
+    rows = dict(writer.rows)
+    assert len(writer.rows) == len(rows) == 25
+    assert rows["7_left_subarticular_stenosis_l4_l5"] == rows["7_right_subarticular_stenosis_l1_l2"] == (0.1, 0.2, 0.7)
+    assert rows["7_left_subarticular_stenosis_l2_l3"] == RSNA_PRIOR["left_subarticular_stenosis"]
+    assert rows["7_spinal_canal_stenosis_l4_l5"] == RSNA_PRIOR["spinal_canal_stenosis"]
