@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 from bundle.atomic import atomic_write_bytes, atomic_write_text
-from bundle.codec import mm_to_pixels_np
+from bundle.codec import mm_to_pixels_np, pixels_to_mm_np
 from bundle.csvrows import read_csv_rows
 from bundle.rsna_labels import CONDITIONS, GROUPS
 from bundle.rsna_labels import LEVEL_KEYS as LEVELS
@@ -100,30 +100,69 @@ def keypoints_to_pixels(mm: Sequence[float], affine: np.ndarray) -> tuple[float,
     return float(x), float(y)
 
 
+def clamp_to_image(
+    mm: Sequence[float], affine: np.ndarray, image_size: Sequence[int]
+) -> tuple[float, float, np.ndarray, bool]:
+    """``(x, y, mm, inside)`` of a patient-mm point (3,) on the slice of 4x4 ``affine`` whose image is
+    ``image_size = (rows, cols)`` pixels: a point outside the image is moved in-plane to the nearest pixel
+    centre of its border (its distance along the slice normal kept), so that ``x, y`` name a real pixel.
+
+    Example:
+        >>> x, y, mm, inside = clamp_to_image([5.0, -2.0, 1.0], np.eye(4), (4, 4))
+        >>> (x, y, mm.tolist(), inside)
+        (0.0, 3.0, [3.0, 0.0, 1.0], False)
+    """
+    point = np.asarray(mm, dtype=np.float64).reshape(3)
+    x, y = keypoints_to_pixels(point, affine)
+    rows, cols = (int(v) for v in image_size[:2])
+    cx, cy = min(max(x, 0.0), cols - 1.0), min(max(y, 0.0), rows - 1.0)
+    if (cx, cy) == (x, y):
+        return x, y, point, True
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    normal = normal / np.linalg.norm(normal)
+    offset = float((point - affine[:3, 3]) @ normal)
+    moved = pixels_to_mm_np([[cx, cy]], affine)[0] + offset * normal
+    return cx, cy, moved, False
+
+
 def keypoint_record(
-    spec: StreamSpec, point: Mapping[str, Any], affine: np.ndarray, instance_number: int, ndigits: int | None = None
+    spec: StreamSpec,
+    point: Mapping[str, Any],
+    affine: np.ndarray,
+    instance_number: int,
+    ndigits: int | None = None,
+    image_size: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """One decoded keypoint as written out: ``stream, level, level_confidence, x, y`` (pixels of the slice
     whose 4x4 voxel-to-mm ``affine`` is given), ``instance_number``, ``position_mm``, ``label`` (class name),
-    ``label_index``, ``probabilities`` ({class: p}) and ``score``; floats rounded to ``ndigits`` when given."""
+    ``label_index``, ``probabilities`` ({class: p}) and ``score``; floats rounded to ``ndigits`` when given.
+    With ``image_size = (rows, cols)`` a point outside the image is moved onto its border
+    (:func:`clamp_to_image`) and ``inside_image`` says whether it was inside."""
 
     def num(value: float) -> float:
         return round(float(value), ndigits) if ndigits is not None else float(value)
 
-    x, y = keypoints_to_pixels(point["mm"], affine)
-    return {
+    mm, inside = np.asarray(point["mm"], dtype=np.float64), True
+    if image_size is None:
+        x, y = keypoints_to_pixels(mm, affine)
+    else:
+        x, y, mm, inside = clamp_to_image(mm, affine, image_size)
+    record = {
         "stream": spec.name,
         "level": point["level"],
         "level_confidence": num(point.get("level_confidence", 1.0)),
         "x": num(x),
         "y": num(y),
         "instance_number": int(instance_number),
-        "position_mm": [num(v) for v in point["mm"]],
+        "position_mm": [num(v) for v in mm],
         "label": spec.classes[point["label"]],
         "label_index": int(point["label"]),
         "probabilities": {c: num(p) for c, p in zip(spec.classes, point["probabilities"])},
         "score": num(point["score"]),
     }
+    if image_size is not None:
+        record["inside_image"] = bool(inside)
+    return record
 
 
 def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], path: str | Path) -> None:
@@ -223,8 +262,9 @@ class KeypointsWriter:
         series_id = str(item.get("series_id", meta.get("series_id", meta.get("series_instance_uid", ""))))
         original_affine = np.asarray(meta["original_affine"], dtype=np.float64)
         instance_number = int(meta["middle_instance_number"])
+        size = np.asarray(meta["spatial_shape"]).reshape(-1)[:2] if "spatial_shape" in meta else None
         points = [
-            keypoint_record(spec, point, original_affine, instance_number, ndigits=5)
+            keypoint_record(spec, point, original_affine, instance_number, ndigits=5, image_size=size)
             for spec in self.specs
             for point in predicted.get(spec.name, [])
         ]

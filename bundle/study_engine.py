@@ -135,8 +135,10 @@ def _on_plane(point_mm: Sequence[float], header: SliceHeader) -> np.ndarray:
 
 
 def _record(spec: StreamSpec, point: Mapping, header: SliceHeader, series: str, level: str | None = None) -> dict:
-    """The written keypoint: :func:`bundle.outputs.keypoint_record` on ``header``'s slice, plus condition and series."""
-    record = keypoint_record(spec, point, series_affine(header, 1.0), header.instance_number, ndigits=5)
+    """The written keypoint: :func:`bundle.outputs.keypoint_record` on ``header``'s slice (moved onto its image
+    when outside), plus condition and series."""
+    affine, size = series_affine(header, 1.0), (header.rows, header.cols)
+    record = keypoint_record(spec, point, affine, header.instance_number, ndigits=5, image_size=size)
     record["level"] = level or record["level"]
     record.update(condition=STREAM_CONDITIONS[spec.name], series=series, series_id=header.path.parent.name)
     return record

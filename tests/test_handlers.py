@@ -16,7 +16,7 @@ from bundle.handlers import (
     in_plane,
 )
 from bundle.losses import SpineOneLoss
-from bundle.outputs import KeypointsWriter, keypoints_to_pixels, read_rsna_prior
+from bundle.outputs import KeypointsWriter, clamp_to_image, keypoint_record, keypoints_to_pixels, read_rsna_prior
 from bundle.streams import RSNA_STREAMS
 from ignite.engine import Engine, Events
 from stream_fixtures import streams
@@ -137,6 +137,23 @@ def test_keypoints_to_pixels_inverts_the_affine():
     affine = _oblique_affine()
     mm = (affine @ np.array([40.25, 17.5, 0.0, 1.0]))[:3]
     assert keypoints_to_pixels(mm, affine) == pytest.approx((17.5, 40.25))
+
+
+def test_points_outside_the_image_move_onto_its_border_keeping_their_normal_offset():
+    affine = _oblique_affine()
+    normal = np.cross(affine[:3, 0], affine[:3, 1])
+    normal /= np.linalg.norm(normal)
+    outside = (affine @ np.array([70.0, -3.0, 0.0, 1.0]))[:3] + 2.5 * normal  # row 70, column -3 of a 64 x 48 image
+    x, y, mm, inside = clamp_to_image(outside, affine, (64, 48))
+    assert not inside and (x, y) == pytest.approx((0.0, 63.0))
+    np.testing.assert_allclose(mm, (affine @ np.array([63.0, 0.0, 0.0, 1.0]))[:3] + 2.5 * normal, atol=1e-9)
+    within = (affine @ np.array([10.0, 20.0, 0.0, 1.0]))[:3]
+    x, y, mm, inside = clamp_to_image(within, affine, (64, 48))
+    assert inside and (x, y) == pytest.approx((20.0, 10.0)) and np.allclose(mm, within)
+    point = {"level": "L1/L2", "label": 0, "probabilities": [1.0, 0.0, 0.0], "score": 1.0, "mm": outside.tolist()}
+    record = keypoint_record(RSNA_STREAMS[0], point, affine, 3, image_size=(64, 48))
+    assert record["inside_image"] is False and (record["x"], record["y"]) == pytest.approx((0.0, 63.0))
+    assert "inside_image" not in keypoint_record(RSNA_STREAMS[0], point, affine, 3)
 
 
 def test_keypoint_metric_uses_in_plane_distance():
