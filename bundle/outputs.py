@@ -118,11 +118,8 @@ def clamp_to_image(
     cx, cy = min(max(x, 0.0), cols - 1.0), min(max(y, 0.0), rows - 1.0)
     if (cx, cy) == (x, y):
         return x, y, point, True
-    normal = np.cross(affine[:3, 0], affine[:3, 1])
-    normal = normal / np.linalg.norm(normal)
-    offset = float((point - affine[:3, 3]) @ normal)
-    moved = pixels_to_mm_np([[cx, cy]], affine)[0] + offset * normal
-    return cx, cy, moved, False
+    border, here = pixels_to_mm_np([[cx, cy], [x, y]], affine)  # both on the plane: the shift is in-plane
+    return cx, cy, point + (border - here), False
 
 
 def keypoint_record(
