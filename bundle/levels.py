@@ -57,20 +57,25 @@ def _level_cost(estimates: np.ndarray | None, k: int, n: int, sigma: float) -> n
     return np.where(np.isfinite(cost), cost, 0.0)
 
 
-def _chain(
+def _best_chain(
     pos: np.ndarray,
     rel: np.ndarray,
     k: int,
-    spacing: float,
+    spacings: np.ndarray,
+    prior: np.ndarray,
     sigma: float,
     skip: float,
     reject: float,
     anchor: float,
     level_cost: np.ndarray,
-) -> tuple[float, list[tuple[int, int]]]:
-    """Lowest-cost chain ``[(level, candidate), ...]`` for one spacing; candidates are in head-to-feet order."""
-    n = len(rel)
-    gap = np.linalg.norm(pos[None, :, :] - pos[:, None, :], axis=-1)  # (N, N)
+) -> tuple[int, list[tuple[int, int]]]:
+    """Lowest-cost chain ``[(level, candidate), ...]`` over the (F,) grid of ``spacings`` (each with its
+    ``prior`` cost); candidates are in head-to-feet order. Returns the winning spacing's index and its chain.
+
+    The dynamic programme runs on (F, K, N) arrays, every spacing in one pass of numpy calls (hand-written:
+    no library offers this ordered-assignment DP); the first of equal-cost spacings wins."""
+    n, f = len(rel), len(spacings)
+    gap = np.linalg.norm(pos[None, :, :] - pos[:, None, :], axis=-1)[None]  # (1, N, N)
     order = np.arange(n)
     later = order[None, :] > order[:, None]  # [i', i]: i' above i
     prefix = np.concatenate([[0.0], np.cumsum(rel)])
@@ -78,29 +83,31 @@ def _chain(
     between = np.where(later, between, np.inf)
     below = reject * (prefix[-1] - prefix[1:])  # sum of rel strictly below i
     unary = -np.log(np.clip(rel, 1e-12, None))
-    cost = np.full((k, n), np.inf)
-    back = np.full((k, n, 2), -1, dtype=np.int64)
+    cost = np.full((f, k, n), np.inf)
+    back = np.full((f, k, n, 2), -1, dtype=np.int64)
     for j in range(k):
-        cost[j] = unary + level_cost[j] + skip * j  # chain starts here: levels above skipped, candidates above free
+        cost[:, j] = unary + level_cost[j] + skip * j  # chain starts here: levels above skipped, candidates above free
         for jp in range(j):
-            step = _gap_cost(gap, j - jp, spacing, sigma) + between + skip * (j - jp - 1)
-            total = cost[jp][:, None] + step + (unary + level_cost[j])[None, :]  # [i', i]: chain ... i' then i
-            best = total.argmin(axis=0)
-            value = total[best, order]
-            better = value < cost[j]
-            cost[j] = np.where(better, value, cost[j])
-            back[j, better] = np.stack([np.full(int(better.sum()), jp), best[better]], axis=1)
-    end = cost + anchor * (k - 1 - np.arange(k))[:, None] + below[None, :]
-    j, i = np.unravel_index(int(np.argmin(end)), end.shape)
-    best_cost = float(end[j, i])
+            step = _gap_cost(gap, j - jp, spacings[:, None, None], sigma) + between + skip * (j - jp - 1)
+            total = cost[:, jp, :, None] + step + (unary + level_cost[j])  # [f, i', i]: chain ... i' then i
+            best = total.argmin(axis=1)  # (F, N)
+            value = np.take_along_axis(total, best[:, None, :], axis=1)[:, 0]
+            better = value < cost[:, j]
+            cost[:, j] = np.where(better, value, cost[:, j])
+            back[:, j][better] = np.stack([np.full(int(better.sum()), jp), best[better]], axis=1)
+    end = (cost + anchor * (k - 1 - np.arange(k))[:, None] + below).reshape(f, -1)
+    cell = end.argmin(axis=1)
+    chain_cost = end[np.arange(f), cell]
     empty = skip * k + anchor + reject * float(prefix[-1])
-    if not np.isfinite(best_cost) or empty < best_cost:
-        return empty, []
-    chain = []
+    use_empty = ~np.isfinite(chain_cost) | (empty < chain_cost)
+    winner = int(np.argmin(np.where(use_empty, empty, chain_cost) + prior))
+    if use_empty[winner]:
+        return winner, []
+    chain, (j, i) = [], np.unravel_index(int(cell[winner]), (k, n))
     while j >= 0:
         chain.append((int(j), int(i)))
-        j, i = back[j, i]
-    return best_cost, chain[::-1]
+        j, i = back[winner, j, i]
+    return winner, chain[::-1]
 
 
 def assign_levels(
@@ -146,15 +153,12 @@ def assign_levels(
     if level_sigma <= 0:
         raise ValueError(f"level_sigma must be positive, got {level_sigma}")
     level_cost = _level_cost(est, num_levels, n, level_sigma)
-    best = (np.inf, [], float(spacing))
-    for factor in np.exp(np.linspace(-0.5, 0.5, 11)):  # d from 0.61 to 1.65 times the expected spacing
-        cost, chain = _chain(
-            pos, rel, num_levels, spacing * factor, spacing_sigma, skip_cost, reject_cost, anchor_cost, level_cost
-        )
-        cost += np.log(factor) ** 2 / (2.0 * spacing_prior_sigma**2)
-        if cost < best[0]:
-            best = (cost, chain, float(spacing * factor))
-    _, chain, d = best
+    factors = np.exp(np.linspace(-0.5, 0.5, 11))  # d from 0.61 to 1.65 times the expected spacing
+    prior = np.log(factors) ** 2 / (2.0 * spacing_prior_sigma**2)
+    winner, chain = _best_chain(
+        pos, rel, num_levels, spacing * factors, prior, spacing_sigma, skip_cost, reject_cost, anchor_cost, level_cost
+    )
+    d = float(spacing * factors[winner])
     for idx, (j, i) in enumerate(chain):
         level[i] = j
         links = []

@@ -157,3 +157,66 @@ def test_hand_case_level_estimates_tell_a_missed_last_level_from_a_missed_first(
     assert got.confidence[2] < got.confidence[3]
     with pytest.raises(ValueError, match="level_sigma"):
         assign_levels(pos, np.ones(4), 5, 35.0, level_estimates=est, level_sigma=0.0)
+
+
+def _brute_force_cost(chain, pos, rel, k, d, est, costs) -> float:
+    """The module doc's cost of one chain ``[(level, candidate), ...]`` at spacing ``d``, term by term."""
+    skip, reject, anchor, sigma, level_sigma = costs
+    if not chain:
+        return skip * k + anchor + reject * rel.sum()
+
+    def level_term(j: int, i: int) -> float:
+        return 0.0 if est is None or not np.isfinite(est[i]) else (est[i] - j) ** 2 / (2 * level_sigma**2)
+
+    (j0, i0), (jm, im) = chain[0], chain[-1]
+    total = skip * j0 + anchor * (k - 1 - jm) + reject * rel[im + 1 :].sum()
+    total += sum(-np.log(rel[i]) + level_term(j, i) for j, i in chain)
+    for (jp, ip), (j, i) in zip(chain, chain[1:]):
+        gap = np.linalg.norm(pos[i] - pos[ip])
+        total += (
+            np.log(gap / ((j - jp) * d)) ** 2 / (2 * sigma**2) + skip * (j - jp - 1) + reject * rel[ip + 1 : i].sum()
+        )
+    return total
+
+
+def _all_chains(n: int, k: int):
+    """Every order-preserving one-to-one map from a subset of k levels to a subset of n candidates."""
+    from itertools import combinations
+
+    yield []
+    for m in range(1, min(n, k) + 1):
+        for levels in combinations(range(k), m):
+            for candidates in combinations(range(n), m):
+                yield list(zip(levels, candidates))
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_assignment_is_the_brute_force_minimum_over_every_chain_and_spacing(seed):
+    """The batched dynamic programme (all spacings at once) returns the chain and spacing of least total cost
+    found by enumerating every chain at every spacing of the grid, with the log-normal spacing prior."""
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 5))
+    n = int(rng.integers(k, k + 4))  # spurious candidates between and below the levels
+    pos = np.cumsum(rng.uniform(5.0, 45.0, size=(n, 2)), axis=0)
+    scores = rng.uniform(0.05, 2.0, n)
+    est = rng.uniform(-1.0, k, n) if seed % 2 else None
+    got = assign_levels(pos, scores, k, 35.0, level_estimates=est)
+    rel = np.clip(scores / scores.max(), 1e-12, 1.0)
+    costs = (3.0, 4.0, 8.0, 0.2, 0.35)  # assign_levels' defaults: skip, reject, anchor, spacing and level sigma
+    options = []
+    for factor in np.exp(np.linspace(-0.5, 0.5, 11)):
+        prior = np.log(factor) ** 2 / (2 * 0.25**2)
+        for chain in _all_chains(n, k):
+            options.append(
+                (_brute_force_cost(chain, pos, rel, k, 35.0 * factor, est, costs) + prior, 35.0 * factor, chain)
+            )
+    best_cost, best_d, best_chain = min(options, key=lambda o: o[0])
+    got_chain = [(int(j), i) for i, j in enumerate(got.level) if j >= 0]
+    got_chain.sort()
+    prior = np.log(got.spacing / 35.0) ** 2 / (2 * 0.25**2)
+    assert _brute_force_cost(got_chain, pos, rel, k, got.spacing, est, costs) + prior == pytest.approx(
+        best_cost, abs=1e-9
+    )
+    ties = [o for o in options if o[0] <= best_cost + 1e-9]
+    if len(ties) == 1:
+        assert got_chain == best_chain and got.spacing == pytest.approx(best_d)
