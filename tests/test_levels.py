@@ -168,7 +168,7 @@ def _brute_force_cost(chain, pos, rel, k, d, est, costs) -> float:
     def level_term(j: int, i: int) -> float:
         return 0.0 if est is None or not np.isfinite(est[i]) else (est[i] - j) ** 2 / (2 * level_sigma**2)
 
-    (j0, i0), (jm, im) = chain[0], chain[-1]
+    j0, (jm, im) = chain[0][0], chain[-1]
     total = skip * j0 + anchor * (k - 1 - jm) + reject * rel[im + 1 :].sum()
     total += sum(-np.log(rel[i]) + level_term(j, i) for j, i in chain)
     for (jp, ip), (j, i) in zip(chain, chain[1:]):
