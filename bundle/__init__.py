@@ -14,6 +14,7 @@ from bundle.handlers import (
     ObjectiveAssociationHandler,
     TrainingStateCheckpoint,
 )
+from bundle.intensity import ScaleIntensityPercentilesd
 from bundle.io import (
     InPlaneSpacingd,
     LoadSagittalSeriesd,
@@ -55,6 +56,7 @@ __all__ = [
     "PositionAttention",
     "RSNA_STREAMS",
     "RsnaScoreHandler",
+    "ScaleIntensityPercentilesd",
     "SpineOne",
     "SpineOneLoss",
     "StreamSpec",

@@ -18,6 +18,7 @@ import numpy as np
 from bundle.atomic import atomic_write_bytes, atomic_write_text
 from bundle.codec import mm_to_pixels_np, pixels_to_mm_np
 from bundle.csvrows import read_csv_rows
+from bundle.intensity import percentiles
 from bundle.rsna_labels import CONDITIONS, GROUPS
 from bundle.rsna_labels import LEVEL_KEYS as LEVELS
 from bundle.rsna_labels import SAMPLE_WEIGHTS, SEVERITIES, snake
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+#: zlib level of overlay.png: 1 writes a 512 x 512 overlay in about a quarter of the default (6)'s time for
+#: about 4% more bytes
+PNG_COMPRESS_LEVEL = 1
 
 # Class frequencies (Normal/Mild, Moderate, Severe) of the RSNA 2024 training labels (train.csv, 1,975 studies)
 # per condition group; used when no train.csv is at hand.
@@ -167,7 +171,7 @@ def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], pa
     from PIL import Image, ImageDraw
 
     arr = np.asarray(slice_2d, dtype=np.float32)
-    lo, hi = np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
+    lo, hi = percentiles(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
     scaled = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * 255
     image = Image.fromarray(scaled.astype(np.uint8)).convert("RGB")
     draw = ImageDraw.Draw(image)
@@ -179,7 +183,7 @@ def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], pa
         draw.ellipse((x - radius, y - radius, x + radius, y + radius), outline=colour, width=2)
         draw.text((x + radius + 3, y - radius - 3), f"{point['level']} {point['label']}", fill=colour)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     atomic_write_bytes(path, buffer.getvalue())
 
 
