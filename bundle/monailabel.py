@@ -202,13 +202,20 @@ class KeypointsToLabeld(MapTransform):
         return points
 
     def _draw(self, points: Sequence[Mapping], rows: int, cols: int, affine: np.ndarray) -> np.ndarray:
-        """uint8 (rows, cols) map with a disk of ``disk_mm`` (in-plane mm, per-axis spacing) per keypoint."""
+        """uint8 (rows, cols) map with a disk of ``disk_mm`` (in-plane mm, per-axis spacing) per keypoint; each
+        disk is tested on its bounding box only (later points drawn over earlier ones)."""
         spacing = np.linalg.norm(affine[:3, :2], axis=0)  # mm per row step, per column step
+        reach = np.ceil(self.disk_mm / spacing).astype(int)  # (rows, cols) pixels
         label = np.zeros((rows, cols), dtype=np.uint8)
-        ii, jj = np.mgrid[0:rows, 0:cols]
         for point in points:
-            inside = ((ii - point["y"]) * spacing[0]) ** 2 + ((jj - point["x"]) * spacing[1]) ** 2 <= self.disk_mm**2
-            label[inside] = point["value"]
+            y, x = float(point["y"]), float(point["x"])
+            r0, r1 = max(int(np.floor(y)) - reach[0], 0), min(int(np.ceil(y)) + reach[0] + 1, rows)
+            c0, c1 = max(int(np.floor(x)) - reach[1], 0), min(int(np.ceil(x)) + reach[1] + 1, cols)
+            if r0 >= r1 or c0 >= c1:
+                continue
+            ii, jj = np.ogrid[r0:r1, c0:c1]
+            inside = ((ii - y) * spacing[0]) ** 2 + ((jj - x) * spacing[1]) ** 2 <= self.disk_mm**2
+            label[r0:r1, c0:c1][inside] = point["value"]
         return label
 
 

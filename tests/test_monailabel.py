@@ -41,6 +41,7 @@ from bundle.monailabel import (
     served_weights,
 )
 from bundle.rsna_labels import LEVELS
+from bundle.streams import RSNA_STREAMS
 from bundle.transforms import KeypointsDecoded
 from bundle.workflow import default_streams
 from monai.bundle import ConfigParser
@@ -631,3 +632,24 @@ def test_monailabel_server_serves_the_sagittal_t1_and_axial_models(tmp_path, rsn
         np.testing.assert_allclose([b["point_mm"] for b in result["blocks"]], [point], atol=1e-6)
     finally:
         server.stop()
+
+
+def test_label_disks_equal_the_whole_grid_test():
+    """Each disk is drawn on its bounding box only: the same map as testing every pixel of the grid, for
+    anisotropic spacing, overlapping disks (the later wins), points at and beyond the borders."""
+    affine = np.eye(4)
+    affine[:3, 0], affine[:3, 1] = [0.0, 0.0, -0.7], [0.0, 0.45, 0.0]  # mm per row, per column
+    points = [
+        {"x": 10.3, "y": 12.8, "value": 1},
+        {"x": 14.0, "y": 15.5, "value": 2},  # overlaps the first
+        {"x": -2.0, "y": 0.4, "value": 3},  # centre left of the image, its disk reaches in
+        {"x": 39.6, "y": 29.9, "value": 4},  # bottom-right corner
+        {"x": 80.0, "y": 90.0, "value": 5},  # far outside: nothing drawn
+    ]
+    rows, cols, disk = 30, 40, 3.0
+    got = KeypointsToLabeld("pred", RSNA_STREAMS, disk_mm=disk)._draw(points, rows, cols, affine)
+    ii, jj = np.mgrid[0:rows, 0:cols]
+    expected = np.zeros((rows, cols), dtype=np.uint8)
+    for p in points:
+        expected[((ii - p["y"]) * 0.7) ** 2 + ((jj - p["x"]) * 0.45) ** 2 <= disk**2] = p["value"]
+    assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2, 3, 4}
