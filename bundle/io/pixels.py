@@ -107,7 +107,11 @@ def read_dicom_pixels(source: str | os.PathLike | Dataset) -> np.ndarray:
             f"{name}: cannot decode pixel data with transfer syntax {transfer_syntax_name(ds)} "
             f"using the installed pydicom plugins ({first_line})"
         ) from err
-    values = stored.astype(np.float64)
+    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
+    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+    # float32 holds every stored value of up to 16 bits exactly; wider ones and a real rescale go through float64
+    exact32 = stored.dtype.kind in "iu" and stored.dtype.itemsize <= 2 and slope == 1.0 and intercept == 0.0
+    values = stored.astype(np.float32 if exact32 else np.float64)
     if photometric == "MONOCHROME1":
         bits = int(getattr(ds, "BitsStored", 0) or stored.dtype.itemsize * 8)
         if int(getattr(ds, "PixelRepresentation", 0) or 0) == 1:
@@ -116,7 +120,7 @@ def read_dicom_pixels(source: str | os.PathLike | Dataset) -> np.ndarray:
             lo, hi = 0, 2**bits - 1
         if stored.dtype.kind == "f":  # float pixel data has no stored-value range: mirror on the data range
             lo, hi = float(stored.min()), float(stored.max())
-        values = (lo + hi) - values
-    slope = float(getattr(ds, "RescaleSlope", 1.0) or 1.0)
-    intercept = float(getattr(ds, "RescaleIntercept", 0.0) or 0.0)
+        values = np.subtract(lo + hi, values, dtype=values.dtype)
+    if exact32:
+        return values
     return (values * slope + intercept).astype(np.float32)

@@ -33,7 +33,10 @@ def decode_slices(headers: Sequence[SliceHeader]) -> np.ndarray:
             if pixels.shape != h.shape:
                 raise BundleInputError(f"{h.path}: decoded pixels have shape {pixels.shape}, the header says {h.shape}")
             decoded[h.path] = pixels
-    return np.stack([decoded[h.path] for h in headers]).astype(np.float32)
+    out = np.empty((len(headers), *headers[0].shape) if headers else (0, 0, 0), dtype=np.float32)
+    for channel, h in enumerate(headers):
+        out[channel] = decoded[h.path]
+    return out
 
 
 def slices_tensor(
