@@ -142,7 +142,7 @@ class KeypointsDecoded(MapTransform):
     Example:
         >>> codec = OCPCCodec({"disc": {"levels": ["a"], "classes": ["n", "d"]}}, radius=1.0, network_stride=1)
         >>> img = MetaTensor(torch.zeros(1, 8, 8), affine=torch.eye(4, dtype=torch.float64))
-        >>> pred = torch.zeros(6, 8, 8); pred[:2] = -20.0; pred[1, 3, 4] = 20.0  # class 1 at row 3, col 4
+        >>> pred = torch.zeros(7, 8, 8); pred[:2] = -20.0; pred[1, 3, 4] = 20.0  # class 1 at row 3, col 4; level map 0
         >>> KeypointsDecoded(codec)({"image": img, "pred": pred})["keypoints"]["disc"][0]["mm"]
         [3.0, 4.0, 0.0]
     """
@@ -165,7 +165,8 @@ class KeypointsDecoded(MapTransform):
     def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
         d = dict(data)
         for key in self.key_iterator(d):
-            pred = torch.as_tensor(d[key])
+            value = d[key]  # a MetaTensor's metadata would follow every op (slow); decoding needs only the values
+            pred = value.as_tensor() if isinstance(value, MetaTensor) else torch.as_tensor(value)
             if pred.ndim != 3:
                 raise ValueError(f"data[{key!r}] must be one item's network output (C, h, w), got {tuple(pred.shape)}")
             image = d.get(self.image_key)
