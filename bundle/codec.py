@@ -472,14 +472,7 @@ class OCPCCodec:
         hough = splat_points(torch.sigmoid(values[:c]), x, y, shape) / (math.pi * self.radius**2)
         best = hough.amax(dim=0)
         score = torch.where((best == max_filter(best, self.nms_kernel)) & (best > 0), best, torch.zeros_like(best))
-        hits: dict[tuple[int, int], float] = {}
-        for r0, r1, c0, c1 in (core - torch.tensor([oy, oy, ox, ox])).tolist():
-            region = score[r0:r1, c0:c1]
-            i = int(region.flatten().argmax())
-            rc = (r0 + i // region.shape[1], c0 + i % region.shape[1])
-            if float(score[rc]) > 0:
-                hits.setdefault(rc, float(score[rc]))
-        peaks = sorted(hits, key=lambda rc: -hits[rc])
+        peaks = _core_maxima(score, core - torch.tensor([oy, oy, ox, ox]), 3 * up)
         where = torch.tensor(peaks, dtype=torch.int64).view(-1, 2)
         xy = refine_peaks(hough.sum(dim=0), peaks) + np.array([ox, oy], dtype=np.float64)
         return [(r + oy, col + ox) for r, col in peaks], hough[:, where[:, 0], where[:, 1]].double().T, xy
@@ -553,6 +546,24 @@ class OCPCCodec:
                 kp.update(level=spec.levels[level], level_index=level, level_confidence=float(confidence))
                 named.append({k: kp[k] for k in _KEYPOINT_KEYS})
         return named
+
+
+def _core_maxima(score: torch.Tensor, cores: torch.Tensor, span: int) -> list[tuple[int, int]]:
+    """The first maximum (row-major) of ``score`` (H, W) in each core ``[r0, r1) x [c0, c1)`` of ``cores`` (K, 4),
+    each at most ``span`` pixels a side, where it is positive; distinct pixels (row, col) in descending score
+    (ties in core order)."""
+    steps = torch.arange(span)
+    rows, cols = cores[:, :1] + steps, cores[:, 2:3] + steps  # (K, span) each
+    valid = (rows < cores[:, 1:2])[:, :, None] & (cols < cores[:, 3:4])[:, None, :]
+    h, w = score.shape
+    region = score[rows.clamp_max(h - 1)[:, :, None], cols.clamp_max(w - 1)[:, None, :]]
+    region = torch.where(valid, region, torch.full_like(region, -math.inf)).flatten(1)
+    best, i = region.max(dim=1)
+    hits: dict[tuple[int, int], float] = {}
+    for value, r, c in zip(best.tolist(), (cores[:, 0] + i // span).tolist(), (cores[:, 2] + i % span).tolist()):
+        if value > 0:
+            hits.setdefault((r, c), value)
+    return sorted(hits, key=lambda rc: -hits[rc])
 
 
 def _pixel_spacing_guess(pos: np.ndarray, default: float) -> float:
