@@ -268,3 +268,23 @@ def test_inference_optimizer_folds_batchnorm_after_loading():
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     with torch.inference_mode():
         torch.testing.assert_close(net(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_overlay_shows_the_slice_in_grey_and_each_class_in_its_colour(tmp_path):
+    """overlay.png: the slice's 0.5/99.5 percentiles map to black and white, the markers to their class colour."""
+    from bundle.outputs import OVERLAY_COLOURS, render_overlay
+    from PIL import Image
+
+    rows, cols = 96, 128
+    slice_2d = np.tile(np.linspace(100.0, 1100.0, cols, dtype=np.float32), (rows, 1))
+    points = [{"x": 30.0, "y": 40.0, "level": "L1/L2", "label": "Normal/Mild", "label_index": 0}]
+    points.append({"x": 90.0, "y": 60.0, "level": "L4/L5", "label": "Severe", "label_index": 2})
+    render_overlay(slice_2d, points, tmp_path / "overlay.png")
+    rgb = np.asarray(Image.open(tmp_path / "overlay.png").convert("RGB")).astype(int)
+    assert rgb.shape == (rows, cols, 3)
+    assert tuple(rgb[5, 0]) == (0, 0, 0) and tuple(rgb[5, -1]) == (255, 255, 255)  # grey ramp, no marker there
+    grey = rgb[5, 1:-1]
+    assert (grey[:, 0] == grey[:, 1]).all() and (grey[:, 1] == grey[:, 2]).all() and (np.diff(grey[:, 0]) >= 0).all()
+    for point in points:  # the circle's rim, radius 3 pixels: left edge at x - 3
+        y, x = int(point["y"]), int(point["x"]) - 3
+        assert tuple(rgb[y, x]) == OVERLAY_COLOURS[point["label_index"]]
