@@ -74,6 +74,11 @@ class AnatomyProfile:
     lumbar-height disc above it; with 4, the vertebra labelled L1 is thoracic-sized with a thoracic disc
     above it (T12-L1).
 
+    Spondylolisthesis (``listhesis_rate`` of studies): the body above the slipped disc, and the whole spine
+    above it with its canal and posterior elements, is shifted forward over the body below by ``listhesis``
+    of that body's depth (Meyerding grade I); the disc between them is sheared, so its centre (the label)
+    lies halfway between the displaced endplates. Grades do not change (the canal keeps its graded width).
+
     Lengths in mm at spine scale 1, angles in degrees.
     """
 
@@ -92,6 +97,10 @@ class AnatomyProfile:
     schmorl_u: tuple[float, float] = (-0.5, 0.5)  # its AP position, fraction of the body's half depth
     spur_rate: float = 0.5  # per degenerative disc: anterior osteophytes on both adjacent endplates
     spur_mm: tuple[float, float] = (2.0, 6.0)  # their anterior reach
+    listhesis_rate: float = 0.05  # per study: spondylolisthesis (anterolisthesis) at one disc level
+    listhesis_levels: tuple[str, ...] = ("L3-L4", "L4-L5", "L5-S1")  # the slipped level (body above it slips)
+    listhesis_level_p: tuple[float, ...] = (0.1, 0.6, 0.3)
+    listhesis: tuple[float, float] = (0.08, 0.25)  # forward slip, fraction of the caudal body's AP depth
 
 
 ANATOMY = AnatomyProfile()
@@ -118,7 +127,8 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     ``thoracic`` (3 body and 3 disc height factors of T7..T9 and T7-T8..T9-T10, cranial first),
     ``schmorl`` (per disc: node radius mm, endplate side -1 cranial / +1 caudal, AP position fraction;
     drawn for every disc, shown only where the disc's Tianchi tag has v5), ``spur`` (per disc: osteophyte
-    reach mm, 0 = none; shown only at degenerative discs).
+    reach mm, 0 = none; shown only at degenerative discs), ``listhesis`` (slipped disc name of
+    ``ANATOMY.listhesis_levels``, "" = none; forward slip as a fraction of the caudal body's AP depth).
     """
     if check_profile(profile) == "easy":
         return None
@@ -147,6 +157,8 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     draw.update(schmorl=tuple((float(a), float(b), float(c)) for a, b, c in zip(r, side, u)))
     spur = rng.uniform(*p.spur_mm, nd)
     draw.update(spur=tuple(float(v) if w < p.spur_rate else 0.0 for v, w in zip(spur, rng.random(nd))))
+    level, frac = str(rng.choice(p.listhesis_levels, p=p.listhesis_level_p)), _u(rng, p.listhesis)
+    draw.update(listhesis=(level if rng.random() < p.listhesis_rate else "", frac))  # last: earlier draws stay
     return draw
 
 
