@@ -54,6 +54,7 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
         )
         assert all(v == 0 or _inside(p.spur_mm, v) for v in a["spur"])
         level, frac = a["listhesis"]
+        assert [_inside(r, v) for r, v in zip((p.back_muscle_mm, p.fat_mm, p.abdomen_mm), a["habitus"])] == [True] * 3
         assert (level == "" or level in p.listhesis_levels) and _inside(p.listhesis, frac)
         seen["top"].add(a["fov_top"])
         seen["lumbar"].add(a["lumbar"])
@@ -78,6 +79,7 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
         v5 = {lv for lv, tag in zip(TIANCHI_DISC_LEVELS, sp.disc_tags) if "v5" in tag.split(",")}
         assert {DISC_NAMES[k] for k in np.flatnonzero(sp.disc_node[0])} == v5
         assert not np.any(sp.disc_spur[~sp.disc_degenerate])
+        assert sp.habitus == a["habitus"] and easy.habitus == (45.0, 22.0, 230.0)
         # spondylolisthesis: the drawn level, slipped by the drawn fraction of the body below (a few mm .. 25%)
         k, mm = sp.slip
         assert (k == -1 and mm == 0) if not level else (DISC_NAMES[k] == level)
@@ -220,3 +222,23 @@ def test_spondylolisthesis_shifts_the_body_above_and_the_disc_label_follows():
         assert list(_fraction(flat, [front, back], set(body)) > 0.5) == [False, True]
         assert list(_fraction(sp, [front, back], set(body)) > 0.5) == ([True, False] if moved else [False, True])
     assert st.grades() == phantom_study(2, i, "tianchi", min_size=96, max_size=128).grades()
+
+
+def test_habitus_sets_the_rendered_fat_and_abdomen_depths():
+    i = _find(6, lambda a: not a["listhesis"][0] and a["scoliosis"][0] == 0 and a["habitus"][1] > 30)
+    sp = phantom_study(6, i, "tianchi", min_size=48, max_size=64, profile="realistic").spine
+    muscle, fat, abdomen = sp.habitus
+    s = sp.body_s[BODY_NAMES.index("L3")]
+    step = 0.1
+    # along the posterior normal at L3 on the midline: the subcutaneous fat layer is fat * scale thick
+    u = np.arange(0.0, 250.0, step)
+    fat_frac = _fraction(sp, [sp.point(s, v) for v in u], {"fat"})
+    assert np.count_nonzero(fat_frac > 0.5) * step == pytest.approx(fat * sp.scale, abs=1.0)
+    start = u[np.argmax(fat_frac > 0.5)]  # behind the canal by the back muscle's depth
+    post = 0.5 * sp.depth_at(s) + sp.canal_gap + sp.canal_width_at(s)
+    assert start == pytest.approx(post + muscle * sp.scale, abs=1.0)
+    # anteriorly: abdomen from the vertebral front to the abdominal wall, air beyond
+    front = -np.arange(0.0, 400.0, step)
+    abd = _fraction(sp, [sp.point(s, v) for v in front], {"abdomen"})
+    wall = -front[np.flatnonzero(abd > 0.5).max()]
+    assert wall == pytest.approx(0.5 * sp.depth_at(s) + abdomen * sp.scale, abs=1.0)

@@ -149,6 +149,9 @@ class Spine:
     # spondylolisthesis: DISC_NAMES index of the slipped disc (-1 = none) and the forward slip (mm) of everything
     # above it over the body below
     slip: tuple[int, float] = (-1, 0.0)
+    # body habitus in mm at scale 1: paraspinal muscle depth behind the canal, posterior subcutaneous fat, and the
+    # depth of the abdomen in front of the vertebral bodies
+    habitus: tuple[float, float, float] = (45.0, 22.0, 230.0)
 
     # ---- mapping between patient mm and spine coordinates
     def lateral_at(self, s):
@@ -393,8 +396,8 @@ def sample_spine(
 
     ``freqs`` as returned by :func:`check_class_frequencies`. Labels are drawn independently per level.
     ``anatomy``: the realistic profile's draws (``profiles.sample_anatomy``: transitional anatomy, collapsed
-    discs, lordosis, scoliosis, thoracic bodies above T10, spondylolisthesis), applied on top of the same
-    random draws, so the labels never depend on it; None gives the original spine.
+    discs, lordosis, scoliosis, thoracic bodies above T10, spondylolisthesis, habitus), applied on top of the
+    same random draws, so the labels never depend on it; None gives the original spine.
     """
     sc = rng.uniform(0.85, 1.15)
     nb, nd = len(BODY_NAMES), len(DISC_NAMES)
@@ -441,7 +444,7 @@ def sample_spine(
         _transitional(anatomy["lumbar"], np.ones(nb), np.ones(nd), depth, half_width)
         extra = _realistic_fields(anatomy, body_s[0] - 0.5 * body_h[0], sc, disc_s)
         extra.update(_endplate_changes(anatomy, tags, disc_deg, depth, sc))
-        extra.update(slip=_slip(anatomy, depth))
+        extra.update(slip=_slip(anatomy, depth), habitus=tuple(float(v) for v in anatomy["habitus"]))
     return Spine(
         scale=float(sc),
         x_mid=x_mid,

@@ -190,13 +190,14 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
 
     # background: abdomen anteriorly, paraspinal muscle, subcutaneous fat and air posteriorly
     curve = dx * dx * f32(1.0 / 300.0)  # the back and belly surfaces curve forward/back laterally (axial view)
-    u_fat = post + sc * f32(45.0) - curve
-    u_skin = u_fat + sc * f32(22.0)
+    muscle, fat, abdomen = sp.habitus  # mm at scale 1 (45, 22, 230 unless the realistic profile drew them)
+    u_fat = post + sc * f32(muscle) - curve
+    u_skin = u_fat + sc * f32(fat)
     back = (v["muscle"] + (v["fat"] - v["muscle"]) * soft(u_fat - u_body)) * (1 - soft(u_skin - u_body))
     psoas = _hypot((lat - 35 * sc) * f32(1 / 15.0), (u + f32(0.25) * depth) / (f32(20.0) * sc)) - 1
     front = v["abdomen"] + (v["muscle"] - v["abdomen"]) * soft(psoas * f32(12.0))
     img = (front + (back - front) * soft(hd - u)) * tex
-    img *= 1 - soft(u_body + hd + 230.0 * sc - curve)  # air beyond the anterior abdominal wall
+    img *= 1 - soft(u_body + hd + float(abdomen) * sc - curve)  # air beyond the anterior abdominal wall
 
     m = f32(0.5 * edge + _WINDOW_MARGIN)
     spur = bool(sp.disc_spur.any())  # osteophytes reach in front of the bodies (realistic profile)
