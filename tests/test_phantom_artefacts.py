@@ -14,6 +14,7 @@ from bundle.errors import BundleInputError
 from bundle.io.dicom_series import list_dicom_files, read_slice_headers, sort_series
 from bundle.io.loader import load_sagittal_series
 from bundle.io.rsna import build_rsna_datalist
+from bundle.io.sagittal_t1 import DEFAULT_FORAMEN_OFFSET_MM, load_foramen_slabs
 from bundle.phantoms import generate_phantoms, phantom_study
 from bundle.phantoms.profiles import REALISTIC
 from bundle.skipping import SKIPPED_KEY
@@ -21,20 +22,22 @@ from bundle.skipping import SKIPPED_KEY
 _SIZE = dict(min_size=48, max_size=64)
 
 
-def _first_set(kind: str) -> tuple[int, object]:
-    """Seed of the first one-study realistic RSNA set whose sagittal T2 has a ``kind`` ("missing"|"duplicate")
-    slice, and its phantom study."""
+def _first_set(kind: str, series: str, where=lambda st, ser: True) -> tuple[int, object, object]:
+    """Seed of the first one-study realistic RSNA set whose first ``series`` ("sag_t2"|"sag_t1") has a ``kind``
+    ("missing"|"duplicate") slice (and satisfies ``where(study, series)``), its phantom study and that series."""
     for seed in range(400):
         st = phantom_study(seed, 0, "rsna", profile="realistic", **_SIZE)
-        if st.has_sagittal_t2 and getattr(st.sagittal_t2, kind) >= 0:
-            return seed, st
+        found = st.series_of(series)
+        if found and getattr(found[0], kind) >= 0 and where(st, found[0]):
+            return seed, st, found[0]
     raise AssertionError(f"no {kind} slice in 400 sets")
 
 
-def _write(tmp_path, kind: str):
-    seed, st = _first_set(kind)
-    out = generate_phantoms(tmp_path / kind, "rsna", 1, seed, profile="realistic", **_SIZE)
-    return out, st, out / "train_images" / str(st.study_id) / str(st.sagittal_t2.series_id)
+def _write(tmp_path, kind: str, series: str = "sag_t2", where=lambda st, ser: True):
+    """A written one-study set with that artefact: (set folder, phantom study, the series' folder)."""
+    seed, st, ser = _first_set(kind, series, where)
+    out = generate_phantoms(tmp_path / f"{kind}_{series}", "rsna", 1, seed, profile="realistic", **_SIZE)
+    return out, st, out / "train_images" / str(st.study_id) / str(ser.series_id)
 
 
 def test_slice_artefact_rates_over_200_studies_avoid_labelled_middle_and_edge_slices():
@@ -139,3 +142,22 @@ def test_labels_on_a_dropped_duplicate_resolve_and_on_a_missing_instance_are_rep
         build_rsna_datalist(out)
     skipped = build_rsna_datalist(out, keep_unusable=True)[0]
     assert skipped["image"] == [] and "a missing slice" in skipped[SKIPPED_KEY]
+
+
+def test_foramen_slabs_of_a_sagittal_t1_with_a_duplicate_read_each_position_once(tmp_path):
+    def near_a_foramen(st, ser) -> bool:  # the duplicated slice is one of a foramen slab's nearest slices
+        g, k = ser.geometry, ser.duplicate
+        canal = np.mean(list(st.keypoints_mm()["canal"].values()), axis=0)
+        distance = abs(float((g.positions[k] - canal) @ g.dirs(k)[2]))
+        return abs(distance - DEFAULT_FORAMEN_OFFSET_MM) < float(np.linalg.norm(g.positions[1] - g.positions[0]))
+
+    _, st, folder = _write(tmp_path, "duplicate", "sag_t1", near_a_foramen)
+    ser = st.series_of("sag_t1")[0]
+    canal = [list(p) for p in st.keypoints_mm()["canal"].values()]
+    img = load_foramen_slabs(folder, 3, canal_mm=canal)
+    instances = list(img.meta["instance_numbers"])
+    assert ser.instance_numbers[ser.duplicate] in instances and ser.duplicate_instance not in instances
+    assert len(set(instances)) == len(instances)  # each slab: three distinct positions
+    (folder / f"{ser.duplicate_instance}.dcm").unlink()
+    ref = load_foramen_slabs(folder, 3, canal_mm=canal)
+    assert img.meta["instance_numbers"] == ref.meta["instance_numbers"] and np.array_equal(img.numpy(), ref.numpy())

@@ -262,7 +262,8 @@ def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True
     Slices are ordered by the projection of ImagePositionPatient on the slice normal, never by
     InstanceNumber. Instances at the same position (a duplicated slice) are kept once, the lowest
     InstanceNumber; gaps wider than ``GAP_FACTOR`` spacings (missing slices) are allowed: the slices keep
-    their grid positions (``SortedSeries.grid``). Both are logged once as warnings naming the series.
+    their grid positions (``SortedSeries.grid``). Both are logged once as warnings naming the series (gaps
+    of sagittal series only: axial series come in per-level blocks).
     Slice spacing = median gap of the sorted projections; with one slice (or all at one position)
     SpacingBetweenSlices, then SliceThickness, then 1 mm.
     """
@@ -301,7 +302,7 @@ def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True
         spacing = first.spacing_between_slices or first.slice_thickness or 1.0
     grid = np.rint((offsets - offsets[0]) / spacing).astype(np.int64)
     wide = np.flatnonzero(gaps > GAP_FACTOR * spacing)
-    if wide.size:
+    if wide.size and plane_name(normal) == "sagittal":  # axial series come in per-level blocks (bundle.io.axial)
         where = ", ".join(f"{offsets[i]:.2f}..{offsets[i + 1]:.2f} mm ({grid[i + 1] - grid[i] - 1})" for i in wide)
         _warn_once(
             f"{_series_name(slices)}: gap in the slice positions (missing slices) at {where} with spacing "
