@@ -79,8 +79,11 @@ def test_duplicated_slice_is_read_once_keeping_the_lowest_instance(tmp_path, cap
     assert [h.instance_number for h in series.duplicates] == [ser.duplicate_instance]
     assert [h.instance_number for h in series.slices] == list(ser.instance_numbers)  # the original kept
     assert list(series.grid) == list(range(ser.geometry.num_slices))
-    assert ser.series_uid in caplog.text and "same position" in caplog.text
-    assert f"kept instance {ser.instance_numbers[k]}" in caplog.text
+    assert ser.series_uid in caplog.text and "1 position(s) hold several instances" in caplog.text
+    assert (
+        f"kept instance {ser.instance_numbers[k]} " in caplog.text
+        and f"dropped {ser.duplicate_instance} (" in caplog.text
+    )
     # the same choice whatever the file order
     again = sort_series(read_slice_headers(files[::-1]))
     assert [h.path for h in again.slices] == [h.path for h in series.slices]

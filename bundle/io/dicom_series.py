@@ -321,9 +321,11 @@ def _warn_once(message: str) -> None:
 def _without_duplicates(slices: list[SliceHeader], offsets: np.ndarray) -> tuple[list[SliceHeader], list[SliceHeader]]:
     """``slices`` (sorted by ``offsets``, mm) keeping one instance per position: of instances whose
     ImagePositionPatient lie within ``SAME_POSITION_MM``, the lowest InstanceNumber (absent last; then the file
-    path) is kept, whatever the file order. Returns ``(kept, dropped)`` and warns naming the series and files."""
+    path) is kept, whatever the file order. Returns ``(kept, dropped)``; one warning names the series, the
+    kept and the dropped instances (the first five positions)."""
     kept: list[SliceHeader] = []
     dropped: list[SliceHeader] = []
+    notes: list[str] = []
     i = 0
     while i < len(slices):
         j = i + 1
@@ -331,20 +333,21 @@ def _without_duplicates(slices: list[SliceHeader], offsets: np.ndarray) -> tuple
             j += 1
         group = slices[i:j]
         while group:  # instances at this offset that also share the in-plane position
-            first = group[0]
-            same = [h for h in group if np.linalg.norm(h.position - first.position) < SAME_POSITION_MM]
+            same = [h for h in group if np.linalg.norm(h.position - group[0].position) < SAME_POSITION_MM]
             group = [h for h in group if not any(h is g for g in same)]
             same.sort(key=lambda h: (h.instance_number < 0, h.instance_number, os.fspath(h.path)))
             kept.append(same[0])
             dropped += same[1:]
             if len(same) > 1:
-                names = ", ".join(f"instance {h.instance_number} ({h.path.name})" for h in same[1:])
-                _warn_once(
-                    f"{_series_name(slices)}: {len(same)} instances at the same position "
-                    f"{same[0].position.round(3).tolist()}: kept instance {same[0].instance_number} "
-                    f"({same[0].path.name}, the lowest InstanceNumber), dropped {names}"
-                )
+                names = ", ".join(f"{h.instance_number} ({h.path.name})" for h in same[1:])
+                notes.append(f"kept instance {same[0].instance_number} ({same[0].path.name}), dropped {names}")
         i = j
+    if notes:
+        more = f"; and {len(notes) - 5} more positions" if len(notes) > 5 else ""
+        _warn_once(
+            f"{_series_name(slices)}: {len(notes)} position(s) hold several instances (duplicated slices); the "
+            f"lowest InstanceNumber is kept: {'; '.join(notes[:5])}{more}"
+        )
     return kept, dropped
 
 
