@@ -604,7 +604,7 @@ def _with_slice_artefacts(study: PhantomStudy) -> PhantomStudy:
     nor carrying a label point, so every label keeps its instance and a missing slice is always a gap."""
     labelled = _labelled_slices(study)
     series = []
-    for j, ser in enumerate(study.series):
+    for ser in study.series:
         a = ser.appearance
         n = ser.geometry.num_slices
         eligible = [k for k in range(1, n - 1) if k != ser.middle and k not in labelled.get(ser.series_id, set())]
@@ -615,6 +615,5 @@ def _with_slice_artefacts(study: PhantomStudy) -> PhantomStudy:
         if a["slice_artefact"] == "missing":
             series.append(replace(ser, missing=k))
         else:
-            uid = _uid(study.seed, study.index, "image", j, k, "duplicate")
-            series.append(replace(ser, duplicate=k, duplicate_uid=uid))
+            series.append(replace(ser, duplicate=k, duplicate_uid=_uid(ser.series_uid, "duplicate", k)))
     return replace(study, series=tuple(series))
