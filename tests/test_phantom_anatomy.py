@@ -1,15 +1,17 @@
 """Anatomy of the realistic phantom profile: seeded draws within their documented ranges, field of view from the
 lower thoracic spine (drawn, unlabelled thoracic discs) or cut above L1, transitional anatomy counted from the
-sacrum, collapsed discs, lordosis and scoliosis. Parameters are sampled without rendering (fast)."""
+sacrum, collapsed discs, lordosis, scoliosis and spondylolisthesis. Parameters are sampled without rendering (fast)."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from bundle.phantoms import phantom_study
 from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, THORACIC_NAMES, check_class_frequencies, sample_spine
 from bundle.phantoms.profiles import ANATOMY, sample_anatomy
-from bundle.phantoms.render import _BS, _profile_table
+from bundle.phantoms.render import _BS, CONTRASTS, _profile_table, _slice
 from bundle.phantoms.study import realistic_top_s
 from bundle.rsna_labels import LEVELS
 from bundle.streams import TIANCHI_DISC_LEVELS, TIANCHI_VERTEBRA_LEVELS
@@ -38,7 +40,7 @@ def test_anatomy_draws_are_seeded_and_easy_has_none():
 
 def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
     p, freqs = ANATOMY, check_class_frequencies(None)
-    seen = {"top": set(), "lumbar": set(), "scoliosis": set(), "collapsed": 0}
+    seen = {"top": set(), "lumbar": set(), "scoliosis": set(), "collapsed": 0, "slipped": set()}
     for i in range(200):
         a = sample_anatomy("realistic", 5, i)
         assert a["fov_top"] in p.fov_tops and _inside(p.fov_cut, a["fov_cut"]) and a["lumbar"] in (4, 5, 6)
@@ -51,6 +53,9 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
             _inside(p.schmorl_mm, r) and side in (-1, 1) and _inside(p.schmorl_u, f) for r, side, f in a["schmorl"]
         )
         assert all(v == 0 or _inside(p.spur_mm, v) for v in a["spur"])
+        level, frac = a["listhesis"]
+        assert [_inside(r, v) for r, v in zip((p.back_muscle_mm, p.fat_mm, p.abdomen_mm), a["habitus"])] == [True] * 3
+        assert (level == "" or level in p.listhesis_levels) and _inside(p.listhesis, frac)
         seen["top"].add(a["fov_top"])
         seen["lumbar"].add(a["lumbar"])
         seen["scoliosis"].add(amp != 0)
@@ -74,8 +79,15 @@ def test_every_anatomy_parameter_within_its_documented_range_over_200_studies():
         v5 = {lv for lv, tag in zip(TIANCHI_DISC_LEVELS, sp.disc_tags) if "v5" in tag.split(",")}
         assert {DISC_NAMES[k] for k in np.flatnonzero(sp.disc_node[0])} == v5
         assert not np.any(sp.disc_spur[~sp.disc_degenerate])
+        assert sp.habitus == a["habitus"] and easy.habitus == (45.0, 22.0, 230.0)
+        # spondylolisthesis: the drawn level, slipped by the drawn fraction of the body below (a few mm .. 25%)
+        k, mm = sp.slip
+        assert (k == -1 and mm == 0) if not level else (DISC_NAMES[k] == level)
+        if level:
+            seen["slipped"].add(level)
+            assert mm == pytest.approx(frac * sp.body_depth[k + 1]) and 2.0 < mm <= 0.25 * sp.body_depth[k + 1]
     assert seen["top"] == set(p.fov_tops) and seen["lumbar"] == {4, 5, 6} and seen["scoliosis"] == {True, False}
-    assert seen["collapsed"] > 0
+    assert seen["collapsed"] > 0 and seen["slipped"] >= {"L4-L5", "L5-S1"}
 
 
 def _on_disc(sp, name: str, mm: np.ndarray, tol: float) -> bool:
@@ -167,3 +179,66 @@ def test_scoliosis_moves_the_canal_off_the_middle_slice():
     g = st.sagittal_t2.geometry
     _, _, off = g.to_pixel(apex, st.sagittal_t2.middle)
     assert abs(off) > 5.0  # the middle slice misses the canal's centre there
+
+
+def test_spondylolisthesis_rate_over_200_studies_and_none_in_easy():
+    p = ANATOMY
+    levels = [sample_anatomy("realistic", 9, i)["listhesis"][0] for i in range(200)]
+    n = sum(bool(lv) for lv in levels)
+    # binomial(200, rate): mean 10 at 5%; these bounds lie beyond 2.5 standard deviations
+    assert 200 * p.listhesis_rate * 0.25 <= n <= 200 * p.listhesis_rate * 2.0, n
+    assert levels.count("L4-L5") >= max(levels.count("L3-L4"), levels.count("L5-S1"))  # the commonest level
+    assert phantom_study(9, next(i for i, lv in enumerate(levels) if lv), "rsna", min_size=48).spine.slip == (-1, 0.0)
+
+
+def _fraction(sp, points: list[np.ndarray], tissues: set[str]) -> np.ndarray:
+    """Noise-free fraction (n,) of ``tissues`` at patient-mm ``points``, evaluated by the renderer's slice function
+    with those tissues at signal 1 and every other one at 0."""
+    v = {k: np.float32(k in tissues) for k in CONTRASTS["T2"]}
+    x, y, z = (np.array([[p[i] for p in points]], np.float32) for i in range(3))
+    s0, tab = _profile_table(sp)
+    return _slice(sp, s0, tab, x, y, z, v, 0.8, np.ones_like(x))[0]
+
+
+def test_spondylolisthesis_shifts_the_body_above_and_the_disc_label_follows():
+    def slipped(a):
+        return a["listhesis"][0] and a["listhesis"][1] > 0.15 and a["lumbar"] == 5 and a["scoliosis"][0] == 0
+
+    i = _find(2, slipped)
+    st = phantom_study(2, i, "tianchi", min_size=96, max_size=128, profile="realistic")
+    sp, (k, mm) = st.spine, st.spine.slip
+    flat = replace(sp, slip=(-1, 0.0))  # the same spine without the slip
+    name, body = DISC_NAMES[k], ("marrow", "cortex", "modic")
+    # the labelled disc point (pixel label mapped back to mm) lies inside the rendered, sheared disc, half the
+    # slip forward of the unslipped disc centre: between the displaced endplates
+    label = next(p for p in st.tianchi_points() if p["identification"] == name)
+    assert _fraction(sp, [label["mm"]], {"nucleus", "annulus", "degenerate"})[0] > 0.9
+    assert np.linalg.norm(sp.disc_centre(name) - flat.disc_centre(name)) == pytest.approx(0.5 * mm)
+    # 1 mm in front of / behind the unslipped body margins: the body above has moved forward by the slip, the
+    # body below has not
+    for j, moved in ((k, True), (k + 1, False)):
+        half = 0.5 * sp.body_depth[j]
+        front, back = flat.point(sp.body_s[j], -half - 1.0), flat.point(sp.body_s[j], half - 1.0)
+        assert list(_fraction(flat, [front, back], set(body)) > 0.5) == [False, True]
+        assert list(_fraction(sp, [front, back], set(body)) > 0.5) == ([True, False] if moved else [False, True])
+    assert st.grades() == phantom_study(2, i, "tianchi", min_size=96, max_size=128).grades()
+
+
+def test_habitus_sets_the_rendered_fat_and_abdomen_depths():
+    i = _find(6, lambda a: not a["listhesis"][0] and a["scoliosis"][0] == 0 and a["habitus"][1] > 30)
+    sp = phantom_study(6, i, "tianchi", min_size=48, max_size=64, profile="realistic").spine
+    muscle, fat, abdomen = sp.habitus
+    s = sp.body_s[BODY_NAMES.index("L3")]
+    step = 0.1
+    # along the posterior normal at L3 on the midline: the subcutaneous fat layer is fat * scale thick
+    u = np.arange(0.0, 250.0, step)
+    fat_frac = _fraction(sp, [sp.point(s, v) for v in u], {"fat"})
+    assert np.count_nonzero(fat_frac > 0.5) * step == pytest.approx(fat * sp.scale, abs=1.0)
+    start = u[np.argmax(fat_frac > 0.5)]  # behind the canal by the back muscle's depth
+    post = 0.5 * sp.depth_at(s) + sp.canal_gap + sp.canal_width_at(s)
+    assert start == pytest.approx(post + muscle * sp.scale, abs=1.0)
+    # anteriorly: abdomen from the vertebral front to the abdominal wall, air beyond
+    front = -np.arange(0.0, 400.0, step)
+    abd = _fraction(sp, [sp.point(s, v) for v in front], {"abdomen"})
+    wall = -front[np.flatnonzero(abd > 0.5).max()]
+    assert wall == pytest.approx(0.5 * sp.depth_at(s) + abdomen * sp.scale, abs=1.0)

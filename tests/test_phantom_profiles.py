@@ -48,7 +48,7 @@ def _check_range(name: str, value, rng: tuple[float, float]) -> None:
 
 def test_every_parameter_within_its_documented_range_over_200_studies():
     p = REALISTIC
-    seen_stir, seen_ghost, seen_12 = set(), set(), set()
+    seen_stir, seen_ghost, seen_12, seen_slices = set(), set(), set(), set()
     for i in range(200):
         a = sample_appearance("realistic", 3, i, i % 3, "T2" if i % 4 else "T1")
         _check_range("factors", list(a["factors"].values()), p.tissue_factor)
@@ -60,10 +60,13 @@ def test_every_parameter_within_its_documented_range_over_200_studies():
         _check_range("bias", np.abs(a["bias"]), (0.0, p.bias[1]))
         assert a["ghost"] == 0 or p.ghost_amp[0] <= a["ghost"] <= p.ghost_amp[1]
         assert a["bits"] in (12, 16)
+        assert a["slice_artefact"] in ("", "missing", "duplicate") and 0 <= a["slice_pick"] < 1
+        seen_slices.add(a["slice_artefact"])
         seen_stir.add(a["stir"])
         seen_ghost.add(a["ghost"] > 0)
         seen_12.add(a["bits"])
     assert seen_stir == {True, False} and seen_ghost == {True, False} and seen_12 == {12, 16}
+    assert seen_slices == {"", "missing", "duplicate"}
     assert {f.name for f in fields(p)} >= {"snr", "pixel_spacing", "slice_thickness"}
 
 

@@ -7,6 +7,7 @@ Geometry conventions (DICOM patient coordinates, LPS, mm):
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,7 +35,12 @@ __all__ = [
     "SAGITTAL_THRESHOLD",
 ]
 
+logger = logging.getLogger(__name__)
+
 SAGITTAL_THRESHOLD = 0.75  # |normal . x| above this is a sagittal plane (data-formats.md)
+SAME_POSITION_MM = 0.01  # two instances whose ImagePositionPatient differ by less lie at the same position
+GAP_FACTOR = 1.5  # a gap between neighbouring slices wider than this times the series' spacing: missing slices
+_WARNED: set[str] = set()  # irregular-series warnings already logged (each once per process, not per load)
 _GEOMETRY_TAGS = {
     "ImagePositionPatient": "(0020,0032)",
     "ImageOrientationPatient": "(0020,0037)",
@@ -207,21 +213,42 @@ def read_slice_headers(files: Sequence[str | os.PathLike]) -> list[SliceHeader]:
 
 @dataclass(frozen=True)
 class SortedSeries:
-    """A checked series sorted along its slice normal (ascending ``position . normal``)."""
+    """A checked series sorted along its slice normal (ascending ``position . normal``), one slice per position.
+
+    ``grid`` places every slice on the series' regular grid of positions (``round((offset - offsets[0]) /
+    slice_spacing)``, 0 .. G-1): ``0 .. S-1`` for a complete series, with holes where slices are missing.
+    ``duplicates`` holds the instances dropped because another one lies at the same position.
+    """
 
     slices: list[SliceHeader]
     normal: np.ndarray  # (3,) unit
     offsets: np.ndarray  # (S,) position . normal, mm, ascending
     slice_spacing: float  # mm
+    grid: np.ndarray  # (S,) int grid positions, ascending, from 0
+    duplicates: tuple[SliceHeader, ...] = ()
 
     @property
     def series_uid(self) -> str:
         return self.slices[0].series_uid
 
+    def nearest_on_grid(self, position: int) -> int:
+        """Index into ``slices`` of the slice nearest grid ``position`` (clipped to the grid; lower on ties)."""
+        target = min(max(int(position), 0), int(self.grid[-1]))
+        return int(np.argmin(np.abs(self.grid - target)))
+
     @property
     def middle(self) -> int:
-        """Index of the middle slice, ``(S - 1) // 2``."""
-        return (len(self.slices) - 1) // 2
+        """Index of the middle slice: the one at grid position ``(G - 1) // 2`` (``(S - 1) // 2`` for a complete
+        series), or the nearest one (the lower on ties) where that slice is missing."""
+        return self.nearest_on_grid(int(self.grid[-1]) // 2)
+
+    def slab(self, num_slices: int) -> list[int]:
+        """Indices into ``slices`` of ``num_slices`` channels centred on :attr:`middle`'s grid position, one grid
+        step (``slice_spacing``) apart: a missing position takes its nearest slice (the lower on ties), positions
+        beyond the ends repeat the edge slice. For a complete series this is ``middle_indices(S, num_slices)``."""
+        centre = int(self.grid[self.middle])
+        start = centre - (int(num_slices) - 1) // 2
+        return [self.nearest_on_grid(start + i) for i in range(int(num_slices))]
 
 
 def _series_name(headers: Sequence[SliceHeader]) -> str:
@@ -233,8 +260,12 @@ def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True
     """Check that ``headers`` form one series of equal-shaped parallel slices and sort them spatially.
 
     Slices are ordered by the projection of ImagePositionPatient on the slice normal, never by
-    InstanceNumber. Slice spacing = median gap of the sorted projections; with one slice (or all
-    at one position) SpacingBetweenSlices, then SliceThickness, then 1 mm.
+    InstanceNumber. Instances at the same position (a duplicated slice) are kept once, the lowest
+    InstanceNumber; gaps wider than ``GAP_FACTOR`` spacings (missing slices) are allowed: the slices keep
+    their grid positions (``SortedSeries.grid``). Both are logged once as warnings naming the series (gaps
+    of sagittal series only: axial series come in per-level blocks).
+    Slice spacing = median gap of the sorted projections; with one slice (or all at one position)
+    SpacingBetweenSlices, then SliceThickness, then 1 mm.
     """
     if not headers:
         raise BundleInputError("no DICOM slices given")
@@ -262,14 +293,62 @@ def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True
         )
     offsets = np.array([float(np.dot(h.position, normal)) for h in headers])
     order = np.argsort(offsets, kind="stable")
-    slices = [headers[i] for i in order]
-    offsets = offsets[order]
+    slices, duplicates = _without_duplicates([headers[i] for i in order], offsets[order])
+    offsets = np.array([float(np.dot(h.position, normal)) for h in slices])
     gaps = np.diff(offsets)
     spacing = float(np.median(gaps)) if gaps.size else 0.0
     if spacing <= 1e-6:
         first = slices[0]
         spacing = first.spacing_between_slices or first.slice_thickness or 1.0
-    return SortedSeries(slices=slices, normal=normal, offsets=offsets, slice_spacing=float(spacing))
+    grid = np.rint((offsets - offsets[0]) / spacing).astype(np.int64)
+    wide = np.flatnonzero(gaps > GAP_FACTOR * spacing)
+    if wide.size and plane_name(normal) == "sagittal":  # axial series come in per-level blocks (bundle.io.axial)
+        where = ", ".join(f"{offsets[i]:.2f}..{offsets[i + 1]:.2f} mm ({grid[i + 1] - grid[i] - 1})" for i in wide)
+        _warn_once(
+            f"{_series_name(slices)}: gap in the slice positions (missing slices) at {where} with spacing "
+            f"{spacing:.3f} mm; the middle slice and slab follow the positions, not the slice count"
+        )
+    return SortedSeries(slices, normal, offsets, float(spacing), grid, tuple(duplicates))
+
+
+def _warn_once(message: str) -> None:
+    """Log ``message`` as a warning the first time it occurs in this process (series are re-read every epoch)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
+
+
+def _without_duplicates(slices: list[SliceHeader], offsets: np.ndarray) -> tuple[list[SliceHeader], list[SliceHeader]]:
+    """``slices`` (sorted by ``offsets``, mm) keeping one instance per position: of instances whose
+    ImagePositionPatient lie within ``SAME_POSITION_MM``, the lowest InstanceNumber (absent last; then the file
+    path) is kept, whatever the file order. Returns ``(kept, dropped)``; one warning names the series, the
+    kept and the dropped instances (the first five positions)."""
+    kept: list[SliceHeader] = []
+    dropped: list[SliceHeader] = []
+    notes: list[str] = []
+    i = 0
+    while i < len(slices):
+        j = i + 1
+        while j < len(slices) and offsets[j] - offsets[i] < SAME_POSITION_MM:
+            j += 1
+        group = slices[i:j]
+        while group:  # instances at this offset that also share the in-plane position
+            same = [h for h in group if np.linalg.norm(h.position - group[0].position) < SAME_POSITION_MM]
+            group = [h for h in group if not any(h is g for g in same)]
+            same.sort(key=lambda h: (h.instance_number < 0, h.instance_number, os.fspath(h.path)))
+            kept.append(same[0])
+            dropped += same[1:]
+            if len(same) > 1:
+                names = ", ".join(f"{h.instance_number} ({h.path.name})" for h in same[1:])
+                notes.append(f"kept instance {same[0].instance_number} ({same[0].path.name}), dropped {names}")
+        i = j
+    if notes:
+        more = f"; and {len(notes) - 5} more positions" if len(notes) > 5 else ""
+        _warn_once(
+            f"{_series_name(slices)}: {len(notes)} position(s) hold several instances (duplicated slices); the "
+            f"lowest InstanceNumber is kept: {'; '.join(notes[:5])}{more}"
+        )
+    return kept, dropped
 
 
 def middle_indices(num_total: int, num_slices: int) -> list[int]:

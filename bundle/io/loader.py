@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable, Mapping, Sequence
 
-from bundle.io.dicom_series import list_dicom_files, middle_indices, read_slice_headers, sort_series
+from bundle.io.dicom_series import list_dicom_files, read_slice_headers, sort_series
 from bundle.io.slices import SliceLoaderd, slices_tensor
 from monai.config import KeysCollection
 from monai.data import MetaTensor
@@ -24,10 +24,14 @@ def load_sagittal_series(
 
     Headers are read first (no pixels) to check and sort the series along its slice normal; pixels
     are decoded only for the selected slices. Fewer slices than ``num_slices``: the edge slice repeats.
+    A duplicated slice is read once; where slices are missing, the middle and the slab follow the positions
+    (:meth:`SortedSeries.slab`: a missing position repeats its nearest slice), so the channels stay one
+    ``slice_spacing`` apart as the affine says.
 
     Args:
         source: a series directory or a list of the DICOM files of one series.
-        num_slices: number of channels; channel ``(num_slices - 1) // 2`` is slice ``(S - 1) // 2``.
+        num_slices: number of channels; channel ``(num_slices - 1) // 2`` is the middle slice (``(S - 1) // 2`` of a
+            complete series).
         study_id, series_id: copied into the metadata when given.
 
     Returns:
@@ -45,7 +49,7 @@ def load_sagittal_series(
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     files = list_dicom_files(source)
     series = sort_series(read_slice_headers(files))
-    picked = middle_indices(len(series.slices), int(num_slices))
+    picked = series.slab(int(num_slices))
     filename = os.fspath(source) if isinstance(source, (str, os.PathLike)) else os.fspath(files[0])
     return slices_tensor(
         [series.slices[i] for i in picked],

@@ -186,7 +186,12 @@ def instance_point_mm(path: Path, x: float, y: float, where: str, headers: dict[
     lies outside the instance."""
     if path not in headers:
         if not path.is_file():
-            raise BundleInputError(f"{where}: referenced instance file {path} not found")
+            present = sorted(p.name for p in path.parent.glob("*.dcm")) if path.parent.is_dir() else []
+            raise BundleInputError(
+                f"{where}: referenced instance file {path} not found"
+                + (f" (its series holds {len(present)} other instances: a missing slice)" if present else "")
+                + "; the point cannot be placed without that instance's geometry"
+            )
         headers[path] = slice_header(read_header(path), path)
     header = headers[path]
     if not (0 <= x < header.cols and 0 <= y < header.rows):

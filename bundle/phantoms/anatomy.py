@@ -146,6 +146,12 @@ class Spine:
     # anterior osteophytes of its two endplates (reach mm, 0 = none)
     disc_node: np.ndarray = field(default_factory=lambda: np.zeros((3, len(DISC_NAMES))))
     disc_spur: np.ndarray = field(default_factory=lambda: np.zeros(len(DISC_NAMES)))
+    # spondylolisthesis: DISC_NAMES index of the slipped disc (-1 = none) and the forward slip (mm) of everything
+    # above it over the body below
+    slip: tuple[int, float] = (-1, 0.0)
+    # body habitus in mm at scale 1: paraspinal muscle depth behind the canal, posterior subcutaneous fat, and the
+    # depth of the abdomen in front of the vertebral bodies
+    habitus: tuple[float, float, float] = (45.0, 22.0, 230.0)
 
     # ---- mapping between patient mm and spine coordinates
     def lateral_at(self, s):
@@ -155,9 +161,22 @@ class Spine:
             return np.zeros_like(np.asarray(s, dtype=float))
         return amp * np.exp(-0.5 * ((np.asarray(s, dtype=float) - centre) / width) ** 2)
 
+    def slip_at(self, s):
+        """Offset (mm, posterior positive) of the centreline along the arc's normal at arc length ``s``: minus the
+        slip above the slipped disc (the spine there lies forward), 0 below it, linear across the disc's height;
+        0 everywhere without a spondylolisthesis."""
+        k, mm = self.slip
+        s = np.asarray(s, dtype=float)
+        if k < 0 or mm == 0:
+            return np.zeros_like(s)
+        bottom, height = self.disc_s[k] + self.disc_half[k], 2.0 * self.disc_half[k]
+        return -mm * np.clip((bottom - s) / height, 0.0, 1.0)
+
     def point(self, s: float, u: float = 0.0, dx: float = 0.0) -> np.ndarray:
         """Patient-mm point (3,) of spine coordinates ``(s, u, dx)``."""
         d = _rotate(self.apex_dir, (float(s) - self.s_apex) / self.radius)
+        if self.slip[0] >= 0:
+            u = float(u) + float(self.slip_at(s))
         yz = self.centre + (self.radius - float(u)) * d
         x = self.x_mid + float(dx)
         if self.scoliosis[0] != 0:
@@ -194,6 +213,8 @@ class Spine:
         ay, az = self.apex_dir
         u = self.radius - np.hypot(vy, vz)
         s = self.s_apex + self.radius * np.arctan2(ay * vz - az * vy, ay * vy + az * vz)
+        if self.slip[0] >= 0:
+            u = u - self.slip_at(s)
         if self.scoliosis[0] != 0:
             return s, u, x - self.x_mid - self.lateral_at(s)
         return s, u, x - self.x_mid
@@ -375,8 +396,8 @@ def sample_spine(
 
     ``freqs`` as returned by :func:`check_class_frequencies`. Labels are drawn independently per level.
     ``anatomy``: the realistic profile's draws (``profiles.sample_anatomy``: transitional anatomy, collapsed
-    discs, lordosis, scoliosis, thoracic bodies above T10), applied on top of the same random draws, so the
-    labels never depend on it; None gives the original spine.
+    discs, lordosis, scoliosis, thoracic bodies above T10, spondylolisthesis, habitus), applied on top of the
+    same random draws, so the labels never depend on it; None gives the original spine.
     """
     sc = rng.uniform(0.85, 1.15)
     nb, nd = len(BODY_NAMES), len(DISC_NAMES)
@@ -423,6 +444,7 @@ def sample_spine(
         _transitional(anatomy["lumbar"], np.ones(nb), np.ones(nd), depth, half_width)
         extra = _realistic_fields(anatomy, body_s[0] - 0.5 * body_h[0], sc, disc_s)
         extra.update(_endplate_changes(anatomy, tags, disc_deg, depth, sc))
+        extra.update(slip=_slip(anatomy, depth), habitus=tuple(float(v) for v in anatomy["habitus"]))
     return Spine(
         scale=float(sc),
         x_mid=x_mid,
@@ -465,6 +487,16 @@ def _endplate_changes(anatomy: Mapping, tags: Sequence[str], disc_deg: np.ndarra
             node[:, k] = (r * sc, side, u * 0.5 * depth[k])
     spur = np.where(disc_deg, np.asarray(anatomy["spur"], float) * sc, 0.0)
     return dict(disc_node=node, disc_spur=spur)
+
+
+def _slip(anatomy: Mapping, depth: np.ndarray) -> tuple[int, float]:
+    """:class:`Spine` ``slip`` from the anatomy draws: (disc index, forward slip mm = fraction x the AP depth of the
+    body below the disc), or (-1, 0) without a spondylolisthesis."""
+    name, frac = anatomy["listhesis"]
+    if not name:
+        return -1, 0.0
+    k = DISC_NAMES.index(name)
+    return k, float(frac * depth[k + 1])
 
 
 def _realistic_fields(anatomy: Mapping, top: float, sc: float, disc_s: np.ndarray) -> dict:

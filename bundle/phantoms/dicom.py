@@ -25,14 +25,23 @@ def _ds(v: float) -> str:
     return f"{float(v):.10g}"[:16]
 
 
-def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np.ndarray) -> Dataset:
-    """Dataset of spatial slice ``k`` of ``series``; ``pixels`` (rows, cols) uint16 stored values."""
+def slice_dataset(
+    study: PhantomStudy, series: PhantomSeries, k: int, pixels: np.ndarray, duplicate: bool = False
+) -> Dataset:
+    """Dataset of spatial slice ``k`` of ``series``; ``pixels`` (rows, cols) uint16 stored values.
+
+    ``duplicate``: the second instance of the series' duplicated slice (``series.duplicate == k``), with its own
+    SOPInstanceUID and InstanceNumber (``series.duplicate_uid``, ``series.duplicate_instance``).
+    """
+    if duplicate and series.duplicate != k:
+        raise ValueError(f"slice {k} of series {series.series_id} is not its duplicated slice ({series.duplicate})")
+    sop_uid = series.duplicate_uid if duplicate else series.sop_uids[k]
     g = series.geometry
     if pixels.shape != (g.rows, g.cols) or pixels.dtype != np.uint16:
         raise ValueError(f"pixels must be uint16 of shape {(g.rows, g.cols)}, got {pixels.dtype} {pixels.shape}")
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
-    meta.MediaStorageSOPInstanceUID = series.sop_uids[k]
+    meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = Dataset()
@@ -40,7 +49,7 @@ def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "ND"]
     ds.SOPClassUID = MR_IMAGE_STORAGE
-    ds.SOPInstanceUID = series.sop_uids[k]
+    ds.SOPInstanceUID = sop_uid
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = study.study_date
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = study.study_time
     ds.AccessionNumber = f"A{study.index:06d}"
@@ -72,7 +81,7 @@ def slice_dataset(study: PhantomStudy, series: PhantomSeries, k: int, pixels: np
     ds.SeriesInstanceUID = series.series_uid
     ds.StudyID = str(study.index + 1)
     ds.SeriesNumber = series.series_number
-    ds.InstanceNumber = series.instance_numbers[k]
+    ds.InstanceNumber = series.duplicate_instance if duplicate else series.instance_numbers[k]
     ds.ImagePositionPatient = [_ds(v) for v in g.positions[k]]
     ds.ImageOrientationPatient = [_ds(v) for v in g.slice_orientation(k)]
     ds.FrameOfReferenceUID = study.frame_uid

@@ -26,15 +26,16 @@ _TOP = {"rsna": set(_RSNA_TABLES) | {"train_images"}, "tianchi": {"lumbar_train"
 _IMAGES = {"rsna": "train_images", "tianchi": "lumbar_train"}
 
 
-def _dicom_paths(study: PhantomStudy) -> dict[str, tuple[int, int]]:
-    """Relative DICOM paths of a study -> (series position, spatial slice index)."""
+def _dicom_paths(study: PhantomStudy) -> dict[str, tuple[int, int, bool]]:
+    """Relative DICOM paths of a study -> (series position, spatial slice index, is a duplicate's copy)."""
     out = {}
     if study.layout == "rsna":
         for j, ser in enumerate(study.series):
-            for k, inst in enumerate(ser.instance_numbers):
-                out[f"train_images/{study.study_id}/{ser.series_id}/{inst}.dcm"] = (j, k)
+            for k, copy in ser.files:
+                inst = ser.duplicate_instance if copy else ser.instance_numbers[k]
+                out[f"train_images/{study.study_id}/{ser.series_id}/{inst}.dcm"] = (j, k, copy)
     else:
-        pairs = [(j, k) for j, ser in enumerate(study.series) for k in range(ser.geometry.num_slices)]
+        pairs = [(j, k, copy) for j, ser in enumerate(study.series) for k, copy in ser.files]
         order = np.random.default_rng([study.seed, study.index, 5]).permutation(len(pairs))  # shuffled file names
         for name, i in enumerate(order):
             out[f"lumbar_train/study{study.index}/image{name}.dcm"] = pairs[i]
@@ -100,12 +101,12 @@ def _check_out_dir(out: Path, layout: str, planned: set[str], profile: str = "ea
 
 def _write_study(study: PhantomStudy, out: Path) -> None:
     """Render and write all DICOM files of one study."""
-    paths = _dicom_paths(study)
-    by_slice = {v: k for k, v in paths.items()}
+    by_slice = {v: k for k, v in _dicom_paths(study).items()}
     for j, ser in enumerate(study.series):
         pixels = study.pixels(ser)
-        for k in range(ser.geometry.num_slices):
-            write_atomic(out / by_slice[(j, k)], dataset_bytes(slice_dataset(study, ser, k, pixels[k])))
+        for k, copy in ser.files:
+            ds = slice_dataset(study, ser, k, pixels[k], duplicate=copy)
+            write_atomic(out / by_slice[(j, k, copy)], dataset_bytes(ds))
 
 
 def _write_study_job(args) -> None:

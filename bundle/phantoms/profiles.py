@@ -54,6 +54,8 @@ class AppearanceProfile:
     ghost_amp: tuple[float, float] = (0.05, 0.25)
     wrap_rate: float = 0.05  # wrap-around of a band of the image along the phase direction
     bits12_rate: float = 0.4  # 12-bit stored values (BitsStored 12) instead of 16
+    missing_slice_rate: float = 0.03  # per sagittal series: one slice not on disk (a gap in the positions)
+    duplicate_slice_rate: float = 0.03  # per sagittal series: one slice on disk twice (a second instance, same place)
 
 
 REALISTIC = AppearanceProfile()
@@ -74,6 +76,11 @@ class AnatomyProfile:
     lumbar-height disc above it; with 4, the vertebra labelled L1 is thoracic-sized with a thoracic disc
     above it (T12-L1).
 
+    Spondylolisthesis (``listhesis_rate`` of studies): the body above the slipped disc, and the whole spine
+    above it with its canal and posterior elements, is shifted forward over the body below by ``listhesis``
+    of that body's depth (Meyerding grade I); the disc between them is sheared, so its centre (the label)
+    lies halfway between the displaced endplates. Grades do not change (the canal keeps its graded width).
+
     Lengths in mm at spine scale 1, angles in degrees.
     """
 
@@ -92,6 +99,14 @@ class AnatomyProfile:
     schmorl_u: tuple[float, float] = (-0.5, 0.5)  # its AP position, fraction of the body's half depth
     spur_rate: float = 0.5  # per degenerative disc: anterior osteophytes on both adjacent endplates
     spur_mm: tuple[float, float] = (2.0, 6.0)  # their anterior reach
+    listhesis_rate: float = 0.05  # per study: spondylolisthesis (anterolisthesis) at one disc level
+    listhesis_levels: tuple[str, ...] = ("L3-L4", "L4-L5", "L5-S1")  # the slipped level (body above it slips)
+    listhesis_level_p: tuple[float, ...] = (0.1, 0.6, 0.3)
+    listhesis: tuple[float, float] = (0.08, 0.25)  # forward slip, fraction of the caudal body's AP depth
+    # patient size beyond the spine's own scale (0.85..1.15 in both profiles): body habitus, thin to obese
+    back_muscle_mm: tuple[float, float] = (40.0, 60.0)  # paraspinal muscle behind the canal (easy: 45)
+    fat_mm: tuple[float, float] = (5.0, 60.0)  # posterior subcutaneous fat (easy: 22)
+    abdomen_mm: tuple[float, float] = (120.0, 300.0)  # vertebral front to the anterior abdominal wall (easy: 230)
 
 
 ANATOMY = AnatomyProfile()
@@ -118,7 +133,9 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     ``thoracic`` (3 body and 3 disc height factors of T7..T9 and T7-T8..T9-T10, cranial first),
     ``schmorl`` (per disc: node radius mm, endplate side -1 cranial / +1 caudal, AP position fraction;
     drawn for every disc, shown only where the disc's Tianchi tag has v5), ``spur`` (per disc: osteophyte
-    reach mm, 0 = none; shown only at degenerative discs).
+    reach mm, 0 = none; shown only at degenerative discs), ``listhesis`` (slipped disc name of
+    ``ANATOMY.listhesis_levels``, "" = none; forward slip as a fraction of the caudal body's AP depth),
+    ``habitus`` (back muscle, subcutaneous fat, abdomen depth in mm at spine scale 1).
     """
     if check_profile(profile) == "easy":
         return None
@@ -147,6 +164,9 @@ def sample_anatomy(profile: str, seed: int, index: int) -> dict | None:
     draw.update(schmorl=tuple((float(a), float(b), float(c)) for a, b, c in zip(r, side, u)))
     spur = rng.uniform(*p.spur_mm, nd)
     draw.update(spur=tuple(float(v) if w < p.spur_rate else 0.0 for v, w in zip(spur, rng.random(nd))))
+    level, frac = str(rng.choice(p.listhesis_levels, p=p.listhesis_level_p)), _u(rng, p.listhesis)
+    draw.update(listhesis=(level if rng.random() < p.listhesis_rate else "", frac))  # after: earlier draws stay
+    draw.update(habitus=(_u(rng, p.back_muscle_mm), _u(rng, p.fat_mm), _u(rng, p.abdomen_mm)))
     return draw
 
 
@@ -156,7 +176,9 @@ def sample_appearance(profile: str, seed: int, index: int, j: int, contrast: str
     Keys: ``factors`` (per tissue), ``gamma``, ``nucleus``, ``cord``, ``stir``, ``stir_fat``, ``spots``,
     ``spot_mm``, ``texture``, ``snr``, ``bias`` (5 coefficients), ``pixel_spacing``, ``slice_thickness``,
     ``blur_mm`` (row, col), ``ghost`` (amplitude, 0 = none), ``ghost_shift`` (fraction of the width),
-    ``wrap`` (fraction of the width folded, 0 = none), ``bits`` (12 or 16), ``texture_seed``.
+    ``wrap`` (fraction of the width folded, 0 = none), ``bits`` (12 or 16), ``texture_seed``, ``slice_artefact``
+    ("missing", "duplicate" or "" = none; applied to sagittal series only) and ``slice_pick`` (0..1: which of the
+    series' eligible slices, see ``study.phantom_study``).
     """
     if check_profile(profile) == "easy":
         return None
@@ -176,4 +198,8 @@ def sample_appearance(profile: str, seed: int, index: int, j: int, contrast: str
     draw.update(ghost=_u(rng, p.ghost_amp) if rng.random() < p.ghost_rate else 0.0, ghost_shift=_u(rng, (0.1, 0.4)))
     draw.update(wrap=_u(rng, (0.05, 0.15)) if rng.random() < p.wrap_rate else 0.0)
     draw.update(bits=12 if rng.random() < p.bits12_rate else 16, texture_seed=int(rng.integers(0, 2**31)))
+    u = rng.random(2)  # last: the draws above stay as they were before slice artefacts existed
+    artefact = "missing" if u[0] < p.missing_slice_rate else ""
+    artefact = "duplicate" if p.missing_slice_rate <= u[0] < p.missing_slice_rate + p.duplicate_slice_rate else artefact
+    draw.update(slice_artefact=artefact, slice_pick=float(u[1]))
     return draw

@@ -175,6 +175,9 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
     vy, vz = y - cy, z - cz
     u = r - _hypot(vy, vz)
     s = sp.s_apex + r * np.arctan2(ay * vz - az * vy, ay * vy + az * vz)
+    u_body = u  # the body surface (skin) does not follow a spondylolisthesis
+    if sp.slip[0] >= 0:
+        u = u - _slip_offset(sp, s)
     idx = _clip(((s - s0) * (1.0 / _TABLE_STEP) + 0.5).astype(np.intp), 0, tab.shape[1] - 1)
     dx = x - sp.x_mid
     if sp.scoliosis[0] != 0:
@@ -187,13 +190,14 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
 
     # background: abdomen anteriorly, paraspinal muscle, subcutaneous fat and air posteriorly
     curve = dx * dx * f32(1.0 / 300.0)  # the back and belly surfaces curve forward/back laterally (axial view)
-    u_fat = post + sc * f32(45.0) - curve
-    u_skin = u_fat + sc * f32(22.0)
-    back = (v["muscle"] + (v["fat"] - v["muscle"]) * soft(u_fat - u)) * (1 - soft(u_skin - u))
+    muscle, fat, abdomen = sp.habitus  # mm at scale 1 (45, 22, 230 unless the realistic profile drew them)
+    u_fat = post + sc * f32(muscle) - curve
+    u_skin = u_fat + sc * f32(fat)
+    back = (v["muscle"] + (v["fat"] - v["muscle"]) * soft(u_fat - u_body)) * (1 - soft(u_skin - u_body))
     psoas = _hypot((lat - 35 * sc) * f32(1 / 15.0), (u + f32(0.25) * depth) / (f32(20.0) * sc)) - 1
     front = v["abdomen"] + (v["muscle"] - v["abdomen"]) * soft(psoas * f32(12.0))
     img = (front + (back - front) * soft(hd - u)) * tex
-    img *= 1 - soft(u + hd + 230.0 * sc - curve)  # air beyond the anterior abdominal wall
+    img *= 1 - soft(u_body + hd + float(abdomen) * sc - curve)  # air beyond the anterior abdominal wall
 
     m = f32(0.5 * edge + _WINDOW_MARGIN)
     spur = bool(sp.disc_spur.any())  # osteophytes reach in front of the bodies (realistic profile)
@@ -212,6 +216,13 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
         iw = idx[win]
         part(sp, tab[:, iw], None if ltab is None else ltab[:, iw], px, v, soft, img[win])
     return img
+
+
+def _slip_offset(sp: Spine, s: np.ndarray) -> np.ndarray:
+    """:meth:`Spine.slip_at` in float32 on pixel arc lengths ``s`` (H, W): the centreline's offset along the normal."""
+    k, mm = sp.slip
+    bottom, height = float(sp.disc_s[k] + sp.disc_half[k]), float(2.0 * sp.disc_half[k])
+    return np.float32(-mm) * _clip((np.float32(bottom) - s) * np.float32(1.0 / height), 0, 1)
 
 
 def _column_support(u, hd, lat, wb, bulge, m) -> np.ndarray:

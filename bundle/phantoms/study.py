@@ -94,6 +94,25 @@ class PhantomSeries:
     levels: tuple[str, ...] = ()  # axial series of the full RSNA layout: the RSNA levels it covers
     appearance: dict | None = None  # "realistic" profile draws (bundle.phantoms.profiles); None: the easy look
     bits_stored: int = 16
+    # acquisition artefacts of the realistic profile (spatial slice index, -1 = none): a slice whose file is not
+    # written (a gap in the positions), and a slice written twice, the copy with ``duplicate_instance`` and
+    # ``duplicate_uid`` (InstanceNumber above all others, so readers keeping the lowest keep the original)
+    missing: int = -1
+    duplicate: int = -1
+    duplicate_uid: str = ""
+
+    @property
+    def duplicate_instance(self) -> int:
+        """InstanceNumber of the duplicated slice's second file: one above the series' highest."""
+        return max(self.instance_numbers) + 1
+
+    @property
+    def files(self) -> list[tuple[int, bool]]:
+        """The series' files on disk in spatial order: ``(spatial slice index, is the duplicate's copy)``."""
+        out = [(k, False) for k in range(self.geometry.num_slices) if k != self.missing]
+        if self.duplicate >= 0:
+            out.insert(out.index((self.duplicate, False)) + 1, (self.duplicate, True))
+        return out
 
     @property
     def middle(self) -> int:
@@ -483,7 +502,8 @@ def phantom_study(
             top edge fall outside the image.
         profile: "easy" (the original look and anatomy) or "realistic" (randomised appearance, spacing
             0.3..1.2 mm, thickness 3..6 mm, 12/16-bit; field of view from T8..T11 or cut just above L1,
-            transitional anatomy, lordosis, scoliosis, collapsed discs: see ``bundle.phantoms.profiles``).
+            transitional anatomy, lordosis, scoliosis, collapsed discs, spondylolisthesis, a missing or duplicated
+            sagittal slice now and then (``PhantomSeries.missing`` / ``duplicate``): see ``bundle.phantoms.profiles``).
             The grades do not depend on it; the realistic keypoints follow its anatomy.
 
     Example:
@@ -544,7 +564,7 @@ def phantom_study(
     if check_profile(profile) == "realistic":
         series = _with_profile(list(series), seed, index, max_size)
     year, month, day = int(rng.integers(2015, 2024)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    return PhantomStudy(
+    study = PhantomStudy(
         layout=layout,
         seed=seed,
         index=index,
@@ -563,3 +583,37 @@ def phantom_study(
         empty=frozenset(empty or ()),
         anatomy=anatomy,
     )
+    return study if anatomy is None else _with_slice_artefacts(study)
+
+
+def _labelled_slices(study: PhantomStudy) -> dict[int, set[int]]:
+    """Spatial slice indices carrying a label point, per series id (RSNA rows; the Tianchi middle sagittal T2)."""
+    out: dict[int, set[int]] = {}
+    by_id = {ser.series_id: ser for ser in study.series}
+    if study.layout == "rsna":
+        for series_id, instance, *_ in study.label_rows():
+            out.setdefault(series_id, set()).add(by_id[series_id].instance_numbers.index(instance))
+    elif study.has_sagittal_t2:
+        out[study.sagittal_t2.series_id] = {study.sagittal_t2.middle}
+    return out
+
+
+def _with_slice_artefacts(study: PhantomStudy) -> PhantomStudy:
+    """The study with the realistic profile's missing or duplicated slice on its sagittal series (draws
+    ``slice_artefact`` / ``slice_pick``): one slice among those that are neither the first, the last, the middle
+    nor carrying a label point, so every label keeps its instance and a missing slice is always a gap."""
+    labelled = _labelled_slices(study)
+    series = []
+    for ser in study.series:
+        a = ser.appearance
+        n = ser.geometry.num_slices
+        eligible = [k for k in range(1, n - 1) if k != ser.middle and k not in labelled.get(ser.series_id, set())]
+        if ser.kind == "ax_t2" or not a["slice_artefact"] or not eligible:
+            series.append(ser)
+            continue
+        k = eligible[min(int(a["slice_pick"] * len(eligible)), len(eligible) - 1)]
+        if a["slice_artefact"] == "missing":
+            series.append(replace(ser, missing=k))
+        else:
+            series.append(replace(ser, duplicate=k, duplicate_uid=_uid(ser.series_uid, "duplicate", k)))
+    return replace(study, series=tuple(series))
