@@ -459,12 +459,10 @@ class OCPCCodec:
         core = torch.minimum(core.clamp_min(0), size)  # (K, 4): rows [y0, y1), columns [x0, x1)
         margin = self.nms_kernel // 2 + PATCH_HALF
         win = torch.minimum((core + torch.tensor([-margin, margin, -margin, margin])).clamp_min(0), size)
-        x_lo, x_hi, y_lo, y_hi = (v[None] for v in landing_reach(offsets, up))
-        y0, y1, x0, x1 = (win[:, i, None, None] for i in range(4))
-        src = ((x_hi > x0 - 1) & (x_lo < x1) & (y_hi > y0 - 1) & (y_lo < y1)).any(dim=0)  # (h, w) network pixels
+        nz = _voting_sources(landing_reach(offsets, up).flatten(1), win, w)  # (S, 2) network (row, col)
         block = torch.arange(up)
-        rows = (src.nonzero()[:, :1] * up + block).repeat_interleave(up, dim=1).flatten()  # their target pixels
-        cols = (src.nonzero()[:, 1:] * up + block).repeat(1, up).flatten()
+        rows = (nz[:, :1] * up + block).repeat_interleave(up, dim=1).flatten()  # their target pixels
+        cols = (nz[:, 1:] * up + block).repeat(1, up).flatten()
         values = bilinear_at(torch.cat([logits, offsets]), rows, cols, up)  # (3C, N)
         oy, ox = int(win[:, 0].min()), int(win[:, 2].min())  # the maps cover the windows' bounding box only
         shape = (int(win[:, 1].max()) - oy, int(win[:, 3].max()) - ox)
@@ -546,6 +544,21 @@ class OCPCCodec:
                 kp.update(level=spec.levels[level], level_index=level, level_confidence=float(confidence))
                 named.append({k: kp[k] for k in _KEYPOINT_KEYS})
         return named
+
+
+def _voting_sources(reach: torch.Tensor, windows: torch.Tensor, width: int) -> torch.Tensor:
+    """Network pixels (row, col) (S, 2), row-major, whose votes can land in some window: ``reach`` (4, h w) holds
+    each pixel's landing bounds x_lo, x_hi, y_lo, y_hi (:func:`bundle.decoding.landing_reach`), ``windows``
+    (K, 4) the target-grid windows [y0, y1) x [x0, x1). Pixels that cannot reach the windows' bounding box
+    are dropped first, so the per-window test runs on the few that can."""
+    x_lo, x_hi, y_lo, y_hi = reach
+    y0, y1, x0, x1 = windows.unbind(dim=1)
+    near = (x_hi > x0.min() - 1) & (x_lo < x1.max()) & (y_hi > y0.min() - 1) & (y_lo < y1.max())
+    index = near.nonzero()[:, 0]
+    x_lo, x_hi, y_lo, y_hi = reach[:, index]
+    hit = (x_hi > x0[:, None] - 1) & (x_lo < x1[:, None]) & (y_hi > y0[:, None] - 1) & (y_lo < y1[:, None])
+    index = index[hit.any(dim=0)]
+    return torch.stack([index // width, index % width], dim=1)
 
 
 def _core_maxima(score: torch.Tensor, cores: torch.Tensor, span: int) -> list[tuple[int, int]]:

@@ -166,20 +166,19 @@ def refine_peaks(total: torch.Tensor, peaks: Sequence[tuple[int, int]]) -> np.nd
     lower, upper = offsets - 0.5, offsets + 0.5
     d = np.zeros((len(peaks), 2))  # (dx, dy) per peak
     active = np.ones(len(peaks), dtype=bool)
-    for _ in range(REFINE_STEPS):
-        idx = np.flatnonzero(active)
-        if len(idx) == 0:
+    for _ in range(REFINE_STEPS):  # every peak computes each step (a few numpy calls); converged ones keep d
+        if not active.any():
             break
-        wx, wy = _cell_overlap(d[idx, :1], lower, upper), _cell_overlap(d[idx, 1:], lower, upper)
-        cols = np.einsum("kp,kpq->kq", wy, patch[idx]) * wx  # window-weighted column and row profiles
-        rows = np.einsum("kpq,kq->kp", patch[idx], wx) * wy
+        weights = _cell_overlap(d[:, :, None], lower, upper)  # (K, 2, P): x then y window weights
+        wx, wy = weights[:, 0], weights[:, 1]
+        cols = np.einsum("kp,kpq->kq", wy, patch) * wx  # window-weighted column and row profiles
+        rows = np.einsum("kpq,kq->kp", patch, wx) * wy
         s = cols.sum(axis=1)
-        moving = s > 0
-        safe = np.where(moving, s, 1.0)
-        new = np.clip(np.stack([cols @ offsets, rows @ offsets], axis=1) / safe[:, None], -_REACH, _REACH)
-        step = np.abs(new - d[idx]).max(axis=1)
-        d[idx[moving]] = new[moving]
-        active[idx[~moving | (step < REFINE_TOLERANCE)]] = False
+        moving = active & (s > 0)
+        new = np.clip(np.stack([cols, rows], axis=1) @ offsets / np.where(moving, s, 1.0)[:, None], -_REACH, _REACH)
+        step = np.abs(new - d).max(axis=1)
+        d = np.where(moving[:, None], new, d)
+        active &= moving & (step >= REFINE_TOLERANCE)
     at = np.asarray(peaks, dtype=np.float64).reshape(-1, 2)
     return np.stack([at[:, 1] + d[:, 0], at[:, 0] + d[:, 1]], axis=1)
 
