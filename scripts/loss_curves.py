@@ -28,8 +28,11 @@ import torch  # noqa: E402
 from bundle.atomic import atomic_write_text  # noqa: E402
 
 
-def train_curve(bundle_root: Path, precision: str, seed: int, epochs: int) -> dict[str, Any]:
-    """Loss parts of every iteration and seconds of every epoch for the demo's first ``epochs`` epochs."""
+def train_curve(
+    bundle_root: Path, precision: str, seed: int, epochs: int, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Loss parts of every iteration and seconds of every epoch for the demo's first ``epochs`` epochs
+    (``overrides``: further config keys, e.g. a smaller phantom set in tests)."""
     from ignite.engine import Events
     from monai.bundle import ConfigParser
     from monai.utils import set_determinism
@@ -42,15 +45,18 @@ def train_curve(bundle_root: Path, precision: str, seed: int, epochs: int) -> di
     parser["train_precision"] = precision
     parser["resume"] = False
     parser["val_interval"] = 10**6  # no validation: the curve is the training loss alone
+    for key, value in (overrides or {}).items():
+        parser[key] = value
     set_determinism(seed=seed)
     trainer = parser.get_parsed_content("train#trainer")
+    loss = parser.get_parsed_content("loss")  # the trainer's loss function: its parts of the last iteration
     losses: list[dict[str, float]] = []
     epoch_seconds: list[float] = []
     started = [time.perf_counter()]
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def record(engine) -> None:
-        losses.append(dict(engine.state.output[0]["losses"]))
+        losses.append(loss.logged_parts())
 
     @trainer.on(Events.EPOCH_COMPLETED)
     def stop(engine) -> None:
