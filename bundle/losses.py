@@ -5,7 +5,11 @@ network grid (stride ``OUTPUT_STRIDE``; layout: :func:`bundle.streams.split_outp
 target grid (the paper's ``B(.)``) and compared with the OCPC targets:
 
 - heatmap: sigmoid focal loss (gamma 2), summed over pixels and classes of the batch and divided by
-  the number of positive target pixels (target > 0.5) of that stream in the batch, at least 1;
+  the number of positive target pixels (target > 0.5) of that stream in the batch, at least 1. Optional
+  ``class_weights`` (an addition to the paper, default off) multiply the loss of class ``c``'s positive pixels
+  by ``w_c`` (negatives keep weight 1): the per-pixel optimum of the sigmoid moves from the class posterior
+  ``q`` to ``w q / (w q + 1 - q)``, so a rare, heavily scored class (RSNA Severe, sample weight 4) is not
+  drowned by the frequent one;
 - offset: L1 inside the disks, summed over the masked elements and divided by their number (each of
   dx, dy counts once), at least 1. So the offset term is the mean absolute error in target-grid
   pixels per masked coordinate, independent of the number of keypoints and of the batch size.
@@ -13,7 +17,7 @@ target grid (the paper's ``B(.)``) and compared with the OCPC targets:
 - level map (an addition to the paper, see :mod:`bundle.levels`): L1 between the regressed and the target
   level index inside the disks of every labelled keypoint, divided by the number of those pixels, at least 1.
 
-Total = sum of all terms of all streams, no weights.
+Total = sum of all terms of all streams, no weights between the terms.
 
 Objective association (OA): ``g = dL_heatmap / dh`` with ``h`` the upsampled heatmap logits,
 detached; weights ``w = 1 + minmax(clip(g, -100, 100))`` per sample and channel, repeated onto the
@@ -33,7 +37,7 @@ from monai.data import MetaTensor
 from monai.losses import FocalLoss
 from torch import nn
 
-__all__ = ["OA_MODES", "SpineOneLoss", "oa_weights", "total_loss"]
+__all__ = ["OA_MODES", "SpineOneLoss", "oa_weights", "positive_class_weights", "total_loss"]
 
 OA_MODES = ("paper", "weighted_error")
 OA_CLIP = 100.0
@@ -73,6 +77,40 @@ def oa_weights(grad: torch.Tensor, clip: float = OA_CLIP) -> torch.Tensor:
     return (1.0 + norm).repeat_interleave(2, dim=1)
 
 
+def positive_class_weights(
+    streams: Mapping[str, int], class_weights: Mapping[str, Sequence[float]] | Sequence[float] | None
+) -> dict[str, torch.Tensor]:
+    """Per-stream class weights (C,) float32 from ``class_weights``; streams without weights are absent.
+
+    Args:
+        streams: ``{stream: number of classes}`` (:func:`bundle.streams.class_counts`).
+        class_weights: None (no weighting), one sequence for every stream (its length must be each stream's
+            number of classes), or ``{stream: sequence}`` for some streams. Weights must be positive.
+
+    Example:
+        >>> positive_class_weights({"a": 3, "b": 2}, {"a": [1, 2, 4]})["a"].tolist()
+        [1.0, 2.0, 4.0]
+    """
+    if class_weights is None:
+        return {}
+    if isinstance(class_weights, Mapping):
+        unknown = sorted(set(class_weights) - set(streams))
+        if unknown:
+            raise ValueError(f"class_weights name unknown streams {unknown}; streams: {list(streams)}")
+        given = {name: class_weights[name] for name in streams if name in class_weights}
+    else:
+        given = {name: class_weights for name in streams}
+    out = {}
+    for name, w in given.items():
+        t = torch.as_tensor([float(v) for v in w], dtype=torch.float32)
+        if t.numel() != streams[name] or not bool((t > 0).all()):
+            raise ValueError(
+                f"class_weights of stream {name!r} must be {streams[name]} positive numbers, got {list(w)}"
+            )
+        out[name] = t
+    return out
+
+
 class SpineOneLoss(nn.Module):
     """Sum over streams of the focal heatmap loss and the (OA-weighted) L1 offset loss.
 
@@ -82,6 +120,8 @@ class SpineOneLoss(nn.Module):
         oa_enabled: apply objective association; an event handler may switch it at run time.
         oa_mode: "paper" (``|w * o_hat - o|``) or "weighted_error" (``w * |o_hat - o|``).
         use_offset_loss: False drops the offset terms (ablation); their parts are then 0.
+        class_weights: weights of the positive heatmap pixels per class (:func:`positive_class_weights`:
+            None = off, one list for all streams, or ``{stream: list}``), e.g. the RSNA sample weights (1, 2, 4).
 
     ``loss_parts(pred, targets)``: ``pred`` (B, sum (3C + 1), h, w) raw network output; ``targets`` holds per
     stream ``{name}_heatmap`` (B, C, H, W) in {0, 1}, ``{name}_offset`` (B, 2C, H, W) in target-grid
@@ -107,6 +147,7 @@ class SpineOneLoss(nn.Module):
         oa_enabled: bool = False,
         oa_mode: str = "paper",
         use_offset_loss: bool = True,
+        class_weights: Mapping[str, Sequence[float]] | Sequence[float] | None = None,
     ) -> None:
         super().__init__()
         self.streams = class_counts(streams)
@@ -117,6 +158,7 @@ class SpineOneLoss(nn.Module):
         self.oa_enabled = bool(oa_enabled)
         self.oa_mode = oa_mode
         self.use_offset_loss = bool(use_offset_loss)
+        self.class_weights = positive_class_weights(self.streams, class_weights)
         # reduction="none" then an explicit sum: MONAI's reduction="sum" first averages over the
         # spatial dimensions, which is not the pixel sum the normalisation by positives assumes.
         self.focal = FocalLoss(use_softmax=False, gamma=self.gamma, alpha=None, reduction="none")
@@ -131,19 +173,32 @@ class SpineOneLoss(nn.Module):
             raise ValueError(f"oa_mode must be one of {OA_MODES}, got {mode!r}")
         self._oa_mode = mode
 
-    def heatmap_loss(self, logits: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
-        """Focal loss summed over (B, C, H, W), divided by max(1, #pixels with heatmap > 0.5)."""
-        num_pos = (heatmap > 0.5).sum().clamp_min(1).to(torch.float32)
-        return self.focal(logits, heatmap).sum() / num_pos
+    def heatmap_loss(
+        self, logits: torch.Tensor, heatmap: torch.Tensor, class_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Focal loss summed over (B, C, H, W), divided by max(1, #pixels with heatmap > 0.5).
 
-    def heatmap_gradient(self, logits: torch.Tensor, heatmap: torch.Tensor) -> torch.Tensor:
+        ``class_weights`` (C,): the loss of a pixel with target ``t`` is multiplied by ``1 + (w_c - 1) * t``
+        (``w_c`` on the positives of class ``c``, 1 on the negatives); the divisor stays the plain count.
+        """
+        positive = heatmap > 0.5
+        num_pos = positive.sum().clamp_min(1).to(torch.float32)
+        loss = self.focal(logits, heatmap)
+        if class_weights is not None:
+            w = class_weights.to(device=loss.device, dtype=loss.dtype).view(1, -1, 1, 1)
+            loss = loss * (1 + (w - 1) * heatmap)
+        return loss.sum() / num_pos
+
+    def heatmap_gradient(
+        self, logits: torch.Tensor, heatmap: torch.Tensor, class_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Detached ``d heatmap_loss / d logits`` (B, C, H, W), computed on a detached leaf copy.
 
         The copy makes OA independent of whether ``logits`` carries a graph (``torch.no_grad()``).
         """
         leaf = logits.detach().requires_grad_(True)
         with torch.enable_grad():
-            (grad,) = torch.autograd.grad(self.heatmap_loss(leaf, heatmap), leaf)
+            (grad,) = torch.autograd.grad(self.heatmap_loss(leaf, heatmap, class_weights), leaf)
         return grad.detach()
 
     def offset_loss(
@@ -198,12 +253,13 @@ class SpineOneLoss(nn.Module):
                 logits, offsets, level = (
                     F.interpolate(t, size=size, mode="bilinear", align_corners=False) for t in (logits, offsets, level)
                 )
-            parts[f"{name}_heatmap"] = self.heatmap_loss(logits, heatmap)
+            weights_c = self.class_weights.get(name)
+            parts[f"{name}_heatmap"] = self.heatmap_loss(logits, heatmap, weights_c)
             parts[f"{name}_level"] = self.level_loss(level, level_target, level_mask)
             if not self.use_offset_loss:
                 parts[f"{name}_offset"] = torch.zeros((), dtype=parts[f"{name}_heatmap"].dtype, device=pred.device)
                 continue
-            weights = oa_weights(self.heatmap_gradient(logits, heatmap)) if self.oa_enabled else None
+            weights = oa_weights(self.heatmap_gradient(logits, heatmap, weights_c)) if self.oa_enabled else None
             parts[f"{name}_offset"] = self.offset_loss(offsets, offset, mask, weights)
         return total_loss(parts), parts
 

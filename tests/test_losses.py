@@ -283,3 +283,38 @@ def test_level_loss_is_the_masked_mean_absolute_level_error():
     total, parts = loss.loss_parts(_pred_1class(torch.full_like(hm, -9.0), torch.zeros(1, 2, 2, 2), level), t)
     assert parts["disc_level"].item() == pytest.approx(1.0)
     assert total.item() == pytest.approx(sum(v.item() for v in parts.values()))
+
+
+def test_class_weights_scale_only_the_positive_pixels_of_their_class():
+    """Two classes on a 2x2 grid: class 0 positive at (0, 0), class 1 at (1, 1); weights (1, 4) multiply only
+    class 1's positive pixel, the divisor stays the 2 positives, and its gradient is 4 times the unweighted one."""
+    logits = torch.tensor([[LOGITS, [[-0.7, 0.2], [1.1, -1.5]]]], requires_grad=True)
+    heat = [[[1.0, 0.0], [0.0, 0.0]], [[0.0, 0.0], [0.0, 1.0]]]
+    hm = torch.tensor([heat])
+    zeros = torch.zeros(1, 4, 2, 2)
+    pred = torch.cat([logits, zeros, torch.zeros(1, 1, 2, 2)], dim=1)
+    weighted = SpineOneLoss(streams(disc=2), class_weights={"disc": [1.0, 4.0]})
+    plain = SpineOneLoss(streams(disc=2))
+    terms = [
+        [_focal(float(logits[0, c, a, b]), int(heat[c][a][b])) for a in range(2) for b in range(2)] for c in (0, 1)
+    ]
+    expected = (sum(terms[0]) + sum(terms[1]) + 3.0 * terms[1][3]) / 2.0
+    _, parts = weighted.loss_parts(pred, _targets(hm, zeros, zeros))
+    assert parts["disc_heatmap"].item() == pytest.approx(expected, rel=1e-5)
+    (g_w,) = torch.autograd.grad(parts["disc_heatmap"], logits)
+    (g_p,) = torch.autograd.grad(plain.loss_parts(pred, _targets(hm, zeros, zeros))[1]["disc_heatmap"], logits)
+    assert g_w[0, 1, 1, 1].item() == pytest.approx(4.0 * g_p[0, 1, 1, 1].item(), rel=1e-5)
+    assert g_w[0, 1, 0, 0].item() == pytest.approx(g_p[0, 1, 0, 0].item(), rel=1e-6)  # a negative: unchanged
+    assert torch.allclose(g_w[0, 0], g_p[0, 0], rtol=1e-6)  # class 0 has weight 1
+
+
+def test_class_weights_one_list_for_all_streams_and_validation():
+    loss = SpineOneLoss(streams(left=3, right=3), class_weights=(1, 2, 4))
+    assert {k: v.tolist() for k, v in loss.class_weights.items()} == {"left": [1, 2, 4], "right": [1, 2, 4]}
+    assert SpineOneLoss(streams(left=3)).class_weights == {}
+    with pytest.raises(ValueError, match="stream 'left' must be 3 positive"):
+        SpineOneLoss(streams(left=3), class_weights=[1, 2])
+    with pytest.raises(ValueError, match="stream 'left' must be 3 positive"):
+        SpineOneLoss(streams(left=3), class_weights=[1, 0, 4])
+    with pytest.raises(ValueError, match="unknown streams \\['disc'\\]"):
+        SpineOneLoss(streams(left=3), class_weights={"disc": [1, 2, 4]})
