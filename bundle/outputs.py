@@ -46,6 +46,9 @@ PNG_COMPRESS_LEVEL = 1
 #: colour (class 0, 1, 2, other); a palette PNG is written unfiltered, in a third of an RGB one's time
 OVERLAY_COLOURS = ((60, 220, 60), (255, 200, 0), (255, 60, 60), (80, 160, 255))
 OVERLAY_GREYS = 256 - len(OVERLAY_COLOURS)
+_OVERLAY_PALETTE = [round(255 * i / (OVERLAY_GREYS - 1)) for i in range(OVERLAY_GREYS) for _ in range(3)] + [
+    v for rgb in OVERLAY_COLOURS for v in rgb
+]
 
 # Class frequencies (Normal/Mild, Moderate, Severe) of the RSNA 2024 training labels (train.csv, 1,975 studies)
 # per condition group; used when no train.csv is at hand.
@@ -178,10 +181,8 @@ def render_overlay(slice_2d: np.ndarray, points: Sequence[Mapping[str, Any]], pa
     arr = np.asarray(slice_2d, dtype=np.float32)
     lo, hi = percentiles(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0)
     grey = np.clip((arr - lo) / max(hi - lo, 1e-6), 0, 1) * (OVERLAY_GREYS - 1)
-    image = Image.fromarray(np.rint(grey).astype(np.uint8), mode="L")
-    image = Image.frombytes("P", image.size, image.tobytes())
-    ramp = [round(255 * i / (OVERLAY_GREYS - 1)) for i in range(OVERLAY_GREYS)]
-    image.putpalette([v for g in ramp for v in (g, g, g)] + [v for rgb in OVERLAY_COLOURS for v in rgb])
+    image = Image.fromarray(np.rint(grey).astype(np.uint8))
+    image.putpalette(_OVERLAY_PALETTE)  # the greyscale image becomes a palette image
     draw = ImageDraw.Draw(image)
     radius = max(3, round(min(arr.shape) / 128))
     for point in points:

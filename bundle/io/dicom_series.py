@@ -293,8 +293,11 @@ def sort_series(headers: Sequence[SliceHeader], *, require_sagittal: bool = True
         )
     offsets = np.array([float(np.dot(h.position, normal)) for h in headers])
     order = np.argsort(offsets, kind="stable")
-    slices, duplicates = _without_duplicates([headers[i] for i in order], offsets[order])
-    offsets = np.array([float(np.dot(h.position, normal)) for h in slices])
+    ordered, offsets = [headers[i] for i in order], offsets[order]
+    kept = _one_per_position(ordered, offsets)
+    slices, offsets = [ordered[k] for k in kept], offsets[kept]
+    dropped = set(range(len(ordered))) - set(kept)
+    duplicates = [ordered[k] for k in sorted(dropped)]
     gaps = np.diff(offsets)
     spacing = float(np.median(gaps)) if gaps.size else 0.0
     if spacing <= 1e-6:
@@ -318,29 +321,33 @@ def _warn_once(message: str) -> None:
         logger.warning("%s", message)
 
 
-def _without_duplicates(slices: list[SliceHeader], offsets: np.ndarray) -> tuple[list[SliceHeader], list[SliceHeader]]:
-    """``slices`` (sorted by ``offsets``, mm) keeping one instance per position: of instances whose
+def _one_per_position(slices: list[SliceHeader], offsets: np.ndarray) -> list[int]:
+    """Indices into ``slices`` (sorted by ``offsets``, mm) keeping one instance per position: of instances whose
     ImagePositionPatient lie within ``SAME_POSITION_MM``, the lowest InstanceNumber (absent last; then the file
-    path) is kept, whatever the file order. Returns ``(kept, dropped)``; one warning names the series, the
-    kept and the dropped instances (the first five positions)."""
-    kept: list[SliceHeader] = []
-    dropped: list[SliceHeader] = []
+    path) is kept, whatever the file order. One warning names the series, the kept and the dropped instances
+    (the first five positions)."""
+    kept: list[int] = []
     notes: list[str] = []
     i = 0
     while i < len(slices):
         j = i + 1
         while j < len(slices) and offsets[j] - offsets[i] < SAME_POSITION_MM:
             j += 1
-        group = slices[i:j]
+        group = list(range(i, j))
         while group:  # instances at this offset that also share the in-plane position
-            same = [h for h in group if np.linalg.norm(h.position - group[0].position) < SAME_POSITION_MM]
-            group = [h for h in group if not any(h is g for g in same)]
-            same.sort(key=lambda h: (h.instance_number < 0, h.instance_number, os.fspath(h.path)))
+            same = [
+                k for k in group if np.linalg.norm(slices[k].position - slices[group[0]].position) < SAME_POSITION_MM
+            ]
+            group = [k for k in group if k not in same]
+            same.sort(
+                key=lambda k: (slices[k].instance_number < 0, slices[k].instance_number, os.fspath(slices[k].path))
+            )
             kept.append(same[0])
-            dropped += same[1:]
             if len(same) > 1:
-                names = ", ".join(f"{h.instance_number} ({h.path.name})" for h in same[1:])
-                notes.append(f"kept instance {same[0].instance_number} ({same[0].path.name}), dropped {names}")
+                first, names = slices[same[0]], ", ".join(
+                    f"{slices[k].instance_number} ({slices[k].path.name})" for k in same[1:]
+                )
+                notes.append(f"kept instance {first.instance_number} ({first.path.name}), dropped {names}")
         i = j
     if notes:
         more = f"; and {len(notes) - 5} more positions" if len(notes) > 5 else ""
@@ -348,7 +355,7 @@ def _without_duplicates(slices: list[SliceHeader], offsets: np.ndarray) -> tuple
             f"{_series_name(slices)}: {len(notes)} position(s) hold several instances (duplicated slices); the "
             f"lowest InstanceNumber is kept: {'; '.join(notes[:5])}{more}"
         )
-    return kept, dropped
+    return kept
 
 
 def middle_indices(num_total: int, num_slices: int) -> list[int]:
