@@ -171,8 +171,8 @@ def refine_peaks(total: torch.Tensor, peaks: Sequence[tuple[int, int]]) -> np.nd
             break
         weights = _cell_overlap(d[:, :, None], lower, upper)  # (K, 2, P): x then y window weights
         wx, wy = weights[:, 0], weights[:, 1]
-        cols = np.einsum("kp,kpq->kq", wy, patch) * wx  # window-weighted column and row profiles
-        rows = np.einsum("kpq,kq->kp", patch, wx) * wy
+        cols = (wy[:, None, :] @ patch)[:, 0] * wx  # window-weighted column and row profiles (K, P)
+        rows = (patch @ wx[:, :, None])[:, :, 0] * wy
         s = cols.sum(axis=1)
         moving = active & (s > 0)
         new = np.clip(np.stack([cols, rows], axis=1) @ offsets / np.where(moving, s, 1.0)[:, None], -_REACH, _REACH)

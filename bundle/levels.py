@@ -85,16 +85,22 @@ def _best_chain(
     unary = -np.log(np.clip(rel, 1e-12, None))
     cost = np.full((f, k, n), np.inf)
     back = np.full((f, k, n, 2), -1, dtype=np.int64)
+    # link costs by level difference m = k-1 .. 1 (F, K-1, N, N): the previous level jp < j reads m = j - jp
+    links = [_gap_cost(gap, m, spacings[:, None, None], sigma) + between + skip * (m - 1) for m in range(k - 1, 0, -1)]
+    steps = np.stack(links, axis=1) if links else np.zeros((f, 0, n, n))
     for j in range(k):
-        cost[:, j] = unary + level_cost[j] + skip * j  # chain starts here: levels above skipped, candidates above free
-        for jp in range(j):
-            step = _gap_cost(gap, j - jp, spacings[:, None, None], sigma) + between + skip * (j - jp - 1)
-            total = cost[:, jp, :, None] + step + (unary + level_cost[j])  # [f, i', i]: chain ... i' then i
-            best = total.argmin(axis=1)  # (F, N)
-            value = np.take_along_axis(total, best[:, None, :], axis=1)[:, 0]
-            better = value < cost[:, j]
-            cost[:, j] = np.where(better, value, cost[:, j])
-            back[:, j][better] = np.stack([np.full(int(better.sum()), jp), best[better]], axis=1)
+        start = unary + level_cost[j] + skip * j  # chain starts here: levels above skipped, candidates above free
+        cost[:, j] = start
+        if j == 0:
+            continue
+        # [f, jp, i', i]: chain ... (jp, i') then (j, i), all previous levels at once; the first minimum in
+        # (jp, i') order wins, and a chain only where strictly cheaper than starting here
+        total = (cost[:, :j, :, None] + steps[:, k - 1 - j :] + (unary + level_cost[j])).reshape(f, j * n, n)
+        best = total.argmin(axis=1)  # (F, N)
+        value = np.take_along_axis(total, best[:, None, :], axis=1)[:, 0]
+        better = value < start
+        cost[:, j] = np.where(better, value, start)
+        back[:, j][better] = np.stack([best[better] // n, best[better] % n], axis=1)
     end = (cost + anchor * (k - 1 - np.arange(k))[:, None] + below).reshape(f, -1)
     cell = end.argmin(axis=1)
     chain_cost = end[np.arange(f), cell]
