@@ -156,7 +156,7 @@ def network_probe(
     shape: tuple[int, ...],
     sizes: tuple[int, int] = (64, 128),
     rows: int = 512,
-    repeats: int = 1,
+    repeats: int = 3,
 ) -> dict[str, Any]:
     """Estimated forward seconds of ``network`` (eval mode) on a (B, C, H, W) ``shape`` input, in float32 and
     under bfloat16 autocast, at the process's thread count (never changed).
@@ -166,8 +166,11 @@ def network_probe(
     is fitted as a fixed cost per forward (autocast's weight casts, per-operation overheads) plus a cost per
     pixel, and extrapolated to B x H x W pixels. The attention, whose work grows with N^2, is timed at the
     real N (positions of its map at H x W) for ``rows`` queries (enough blocks for every thread of the
-    kernels) and scaled by B N / rows. Cost: eight small forwards and four attention shares, a one-off of
-    0.6-0.7 s for SpineOne R50 at 640 x 640 on a quiet 2-core AMX machine (see docs/performance.md).
+    kernels) and scaled by B N / rows. Every timing is the best of ``repeats`` after a warm-up: the fit
+    extrapolates the difference between the two sizes' times (about 21x from 64 and 128 to 512 x 512), so one
+    slow call (another process on a 2-core machine) taken alone could flip the choice. Cost: 16 small forwards
+    and 16 attention shares, a one-off of about 0.6 s for SpineOne R50 at 512 x 512 on a quiet 2-core AMX
+    machine (see docs/performance.md).
 
     Returns ``{"fp32_seconds", "bf16_seconds", "speedup", "probe": "network"}`` and the parts of each estimate
     (``fixed_*``, ``per_pixel_*``, ``attention_*``).

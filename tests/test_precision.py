@@ -4,6 +4,7 @@ the configs' precision keys; the loss stays float32 under autocast."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,36 @@ def test_network_probe_estimates_both_precisions_and_leaves_the_network_as_it_wa
     assert not net.training
     assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # no BatchNorm update
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in net.modules())  # hooks removed
+
+
+class _SlowOnce(torch.nn.Module):
+    """Identity whose ``slow_call``-th forward sleeps ``pause`` seconds (a stand-in for another process taking
+    the CPU during one probe call)."""
+
+    def __init__(self, slow_call: int, pause: float) -> None:
+        super().__init__()
+        self.calls, self.slow_call, self.pause = 0, slow_call, pause
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.slow_call:
+            time.sleep(self.pause)
+        return x
+
+
+def test_small_forward_keeps_the_best_call_so_one_slow_call_cannot_set_the_estimate():
+    net = _SlowOnce(slow_call=2, pause=0.5)  # call 1 is the warm-up, call 2 the first timed one
+    best, spent, _ = P._small_forward(net, torch.zeros(1, 1, 4, 4), [], repeats=3)
+    assert net.calls == 4 and spent == []
+    assert best < 0.25  # the 0.5 s call is not the one kept (the others take microseconds)
+    assert P._small_forward(_SlowOnce(slow_call=2, pause=0.5), torch.zeros(1, 1, 4, 4), [], repeats=1)[0] >= 0.5
+
+
+def test_network_probe_times_each_forward_as_the_best_of_three_by_default(monkeypatch):
+    seen = []
+    monkeypatch.setattr(P, "_small_forward", lambda net, x, pams, repeats: seen.append(repeats) or (1e-3, [], []))
+    P.network_probe(torch.nn.Identity(), (1, 7, 64, 64), sizes=(32, 64))
+    assert seen == [3, 3, 3, 3]  # two sizes, two precisions
 
 
 class _Recorder(torch.nn.Module):
