@@ -11,7 +11,8 @@ import logging
 import numpy as np
 import pytest
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import list_dicom_files, read_slice_headers, sort_series
+from bundle.io.axial import nearest_axial_slices, parallel_blocks
+from bundle.io.dicom_series import list_dicom_files, pixel_to_patient, read_slice_headers, sort_series
 from bundle.io.loader import load_sagittal_series
 from bundle.io.rsna import build_rsna_datalist
 from bundle.io.sagittal_t1 import DEFAULT_FORAMEN_OFFSET_MM, load_foramen_slabs
@@ -41,16 +42,14 @@ def _write(tmp_path, kind: str, series: str = "sag_t2", where=lambda st, ser: Tr
 
 
 def test_slice_artefact_rates_over_200_studies_avoid_labelled_middle_and_edge_slices():
-    counts, sagittal = {"missing": 0, "duplicate": 0}, 0
+    counts, total, axial = {"missing": 0, "duplicate": 0}, 0, 0
     for i in range(200):
         st = phantom_study(1, i, "rsna", profile="realistic", **_SIZE)
         labelled = {(s, inst) for s, inst, *_ in st.label_rows()}
         for ser in st.series:
             n = ser.geometry.num_slices
-            if ser.kind == "ax_t2":
-                assert ser.missing == ser.duplicate == -1
-                continue
-            sagittal += 1
+            total += 1
+            axial += ser.kind == "ax_t2" and (ser.missing >= 0 or ser.duplicate >= 0)
             assert ser.missing < 0 or ser.duplicate < 0  # at most one artefact per series
             for kind in counts:
                 k = getattr(ser, kind)
@@ -63,7 +62,8 @@ def test_slice_artefact_rates_over_200_studies_avoid_labelled_middle_and_edge_sl
             assert len(files) == n - (ser.missing >= 0) + (ser.duplicate >= 0)
             assert [k for k, _ in files] == sorted(k for k, _ in files)
     for kind, rate in (("missing", REALISTIC.missing_slice_rate), ("duplicate", REALISTIC.duplicate_slice_rate)):
-        assert 0.25 * rate * sagittal <= counts[kind] <= 2.0 * rate * sagittal, (kind, counts, sagittal)
+        assert 0.25 * rate * total <= counts[kind] <= 2.0 * rate * total, (kind, counts, total)
+    assert axial > 0  # axial series carry them too
     easy = phantom_study(1, 0, "rsna", **_SIZE)
     assert all(ser.missing == ser.duplicate == -1 for ser in easy.series)
 
@@ -164,3 +164,49 @@ def test_foramen_slabs_of_a_sagittal_t1_with_a_duplicate_read_each_position_once
     (folder / f"{ser.duplicate_instance}.dcm").unlink()
     ref = load_foramen_slabs(folder, 3, canal_mm=canal)
     assert img.meta["instance_numbers"] == ref.meta["instance_numbers"] and np.array_equal(img.numpy(), ref.numpy())
+
+
+def _axial_headers(tmp_path, kind: str, where=lambda st, ser: True):
+    out, st, folder = _write(tmp_path, kind, "ax_t2", where)
+    ser = st.series_of("ax_t2")[0]
+    return st, ser, folder, read_slice_headers(list_dicom_files(folder))
+
+
+def _centre_mm(header) -> np.ndarray:
+    return pixel_to_patient(header, 0.5 * (header.cols - 1), 0.5 * (header.rows - 1))
+
+
+def test_duplicated_axial_slice_is_read_once_by_the_block_split_and_the_slice_choice(tmp_path):
+    st, ser, folder, headers = _axial_headers(tmp_path, "duplicate")
+    copy = next(h for h in headers if h.instance_number == ser.duplicate_instance)
+    without = [h for h in headers if h is not copy]
+    blocks = parallel_blocks(headers)
+    assert [[h.path for h in b] for b in blocks] == [[h.path for h in b] for b in parallel_blocks(without)]
+    assert copy.path not in {h.path for b in blocks for h in b}
+    point = _centre_mm(copy)
+    with_copy, reference = nearest_axial_slices([headers], point, 3), nearest_axial_slices([without], point, 3)
+    assert [h.path for h in with_copy.slices] == [h.path for h in reference.slices]
+    assert copy.path not in {h.path for h in with_copy.slices}  # never the slice and its copy side by side
+
+
+def _inside_one_block(st, ser) -> bool:
+    """The missing slice's neighbours lie two spacings apart on one plane direction (not at a block's edge)."""
+    k, g = ser.missing, ser.geometry
+    step = np.linalg.norm(g.positions[k] - g.positions[k - 1])
+    return bool(abs(np.linalg.norm(g.positions[k + 1] - g.positions[k - 1]) - 2 * step) < 1e-3)
+
+
+def test_missing_axial_slice_keeps_its_block_and_the_slices_one_gap_apart(tmp_path):
+    st, ser, folder, headers = _axial_headers(tmp_path, "missing", _inside_one_block)
+    k = ser.missing
+    before, after = ser.instance_numbers[k - 1], ser.instance_numbers[k + 1]
+    blocks = parallel_blocks(headers)
+    block = next(b for b in blocks if before in {h.instance_number for h in b})
+    assert after in {h.instance_number for h in block}  # one gap of two spacings does not split the block
+    lower = next(h for h in headers if h.instance_number == before)
+    upper = next(h for h in headers if h.instance_number == after)
+    spacing = float(abs((upper.position - lower.position) @ lower.normal)) / 2
+    choice = nearest_axial_slices([headers], _centre_mm(lower), 3)
+    offsets = sorted(float(h.position @ lower.normal) for h in choice.slices)
+    assert choice.slice_spacing == pytest.approx(spacing, abs=1e-3)
+    assert offsets[-1] - offsets[0] <= 2 * spacing + 1e-3  # by position: not three slices across the gap

@@ -15,7 +15,14 @@ from pathlib import Path
 
 import numpy as np
 from bundle.errors import BundleInputError
-from bundle.io.dicom_series import SliceHeader, list_dicom_files, patient_to_pixel, pixel_to_patient, read_slice_headers
+from bundle.io.dicom_series import (
+    SliceHeader,
+    list_dicom_files,
+    patient_to_pixel,
+    pixel_to_patient,
+    read_slice_headers,
+    sort_series,
+)
 from bundle.io.rsna import instance_point_mm, read_rsna_condition_labels, read_rsna_series
 from bundle.io.slices import SliceLoaderd, slices_tensor
 from bundle.rsna_labels import LEVELS as RSNA_LEVELS
@@ -66,9 +73,11 @@ def nearest_axial_slices(
 
     Distance is taken along each slice's own normal, so tilted per-level blocks are handled; only slices on
     which the point projects inside the image count. Neighbours are the slices of the same stack parallel to
-    the nearest one, sorted by position along its normal (never by InstanceNumber), centred on it and
-    edge-repeated when the block is short. Returns None when no slice covers the point (none projects it inside
-    its image, or the nearest plane lies farther than one slice gap / thickness from it).
+    the nearest one, sorted by position along its normal (never by InstanceNumber), centred on it one slice gap
+    apart (:func:`bundle.io.dicom_series.sort_series`: a duplicated slice is read once, the lowest InstanceNumber;
+    a missing slice's position takes its nearest neighbour, the lower on ties) and edge-repeated when the block is
+    short. Returns None when no slice covers the point (none projects it inside its image, or the nearest plane
+    lies farther than one slice gap / thickness from it).
     """
     if int(num_slices) < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
@@ -84,24 +93,25 @@ def nearest_axial_slices(
     if best is None:
         return None
     _, s, centre = best
-    block = [h for h in stacks[s] if abs(float(h.normal @ centre.normal)) >= _PARALLEL]
-    offsets = np.array([float(h.position @ centre.normal) for h in block])
-    order = np.argsort(offsets, kind="stable")
-    block, offsets = [block[i] for i in order], offsets[order]
-    k = next(i for i, h in enumerate(block) if h is centre)
+    block = sort_series(
+        [h for h in stacks[s] if abs(float(h.normal @ centre.normal)) >= _PARALLEL], require_sagittal=False
+    )
+    k = int(np.argmin(np.abs(block.offsets - float(centre.position @ block.normal))))  # a dropped copy: its kept twin
+    centre = block.slices[k]
     half = (int(num_slices) - 1) // 2
-    picked = [block[min(max(k - half + i, 0), len(block) - 1)] for i in range(int(num_slices))]
-    gaps = np.diff(offsets)
-    spacing = float(np.median(gaps)) if gaps.size and np.median(gaps) > 1e-6 else 1.0
+    picked = [block.slices[block.nearest_on_grid(int(block.grid[k]) - half + i)] for i in range(int(num_slices))]
+    spacing = block.slice_spacing if len(block.slices) > 1 else 1.0
     slab = max(spacing, centre.slice_thickness or 0.0, centre.spacing_between_slices or 0.0)
     if abs(patient_to_pixel(centre, point)[2]) > slab:  # beyond the stack's ends: no slice shows the point
         return None
     return AxialSlices(s, centre, picked, patient_to_pixel(centre, point)[2], spacing)
 
 
-def parallel_blocks(stack: Sequence[SliceHeader], gap_factor: float = 2.0) -> list[list[SliceHeader]]:
+def parallel_blocks(stack: Sequence[SliceHeader], gap_factor: float = 2.5) -> list[list[SliceHeader]]:
     """The slices of one series split into blocks: parallel planes (|cos| of the normals >= 0.9999) with no gap
-    wider than ``gap_factor`` times the block's median gap (mm, along its normal), each sorted along its normal.
+    wider than ``gap_factor`` times the block's median gap (mm, along its normal), each sorted along its normal
+    with one slice per position (a duplicated slice once, the lowest InstanceNumber). One missing slice (a gap of
+    2 spacings) stays inside its block.
 
     Per-level stacks tilted along each disc give one block per stack; one stack through all levels gives one.
     Blocks are returned cranial first (descending patient z of their centre slice, LPS).
@@ -115,9 +125,8 @@ def parallel_blocks(stack: Sequence[SliceHeader], gap_factor: float = 2.0) -> li
             group.append(h)
     blocks = []
     for group in groups:
-        normal = group[0].normal
-        group = sorted(group, key=lambda h: float(h.position @ normal))
-        gaps = np.diff([float(h.position @ normal) for h in group])
+        ordered = sort_series(group, require_sagittal=False)  # sorted along its normal, a duplicated slice once
+        group, gaps = ordered.slices, np.diff(ordered.offsets)
         limit = gap_factor * float(np.median(gaps)) if gaps.size else 0.0
         start = 0
         for i, gap in enumerate(gaps, start=1):

@@ -54,8 +54,8 @@ class AppearanceProfile:
     ghost_amp: tuple[float, float] = (0.05, 0.25)
     wrap_rate: float = 0.05  # wrap-around of a band of the image along the phase direction
     bits12_rate: float = 0.4  # 12-bit stored values (BitsStored 12) instead of 16
-    missing_slice_rate: float = 0.03  # per sagittal series: one slice not on disk (a gap in the positions)
-    duplicate_slice_rate: float = 0.03  # per sagittal series: one slice on disk twice (a second instance, same place)
+    missing_slice_rate: float = 0.03  # per series: one slice not on disk (a gap in the positions)
+    duplicate_slice_rate: float = 0.03  # per series: one slice on disk twice (a second instance, same place)
 
 
 REALISTIC = AppearanceProfile()
@@ -177,7 +177,7 @@ def sample_appearance(profile: str, seed: int, index: int, j: int, contrast: str
     ``spot_mm``, ``texture``, ``snr``, ``bias`` (5 coefficients), ``pixel_spacing``, ``slice_thickness``,
     ``blur_mm`` (row, col), ``ghost`` (amplitude, 0 = none), ``ghost_shift`` (fraction of the width),
     ``wrap`` (fraction of the width folded, 0 = none), ``bits`` (12 or 16), ``texture_seed``, ``slice_artefact``
-    ("missing", "duplicate" or "" = none; applied to sagittal series only) and ``slice_pick`` (0..1: which of the
+    ("missing", "duplicate" or "" = none; sagittal and axial series) and ``slice_pick`` (0..1: which of the
     series' eligible slices, see ``study.phantom_study``).
     """
     if check_profile(profile) == "easy":

@@ -599,7 +599,7 @@ def _labelled_slices(study: PhantomStudy) -> dict[int, set[int]]:
 
 
 def _with_slice_artefacts(study: PhantomStudy) -> PhantomStudy:
-    """The study with the realistic profile's missing or duplicated slice on its sagittal series (draws
+    """The study with the realistic profile's missing or duplicated slice on its series (draws
     ``slice_artefact`` / ``slice_pick``): one slice among those that are neither the first, the last, the middle
     nor carrying a label point, so every label keeps its instance and a missing slice is always a gap."""
     labelled = _labelled_slices(study)
@@ -608,7 +608,7 @@ def _with_slice_artefacts(study: PhantomStudy) -> PhantomStudy:
         a = ser.appearance
         n = ser.geometry.num_slices
         eligible = [k for k in range(1, n - 1) if k != ser.middle and k not in labelled.get(ser.series_id, set())]
-        if ser.kind == "ax_t2" or not a["slice_artefact"] or not eligible:
+        if not a["slice_artefact"] or not eligible:
             series.append(ser)
             continue
         k = eligible[min(int(a["slice_pick"] * len(eligible)), len(eligible) - 1)]
