@@ -17,7 +17,7 @@ from bundle.io.dicom_series import (
 from bundle.io.loader import LoadSagittalSeriesd, load_sagittal_series
 from bundle.io.pixels import read_dicom_pixels, read_header
 from bundle.io.rsna import build_rsna_datalist, read_rsna_condition_labels
-from bundle.io.sagittal_t1 import LoadForamenSlabsd, build_rsna_t1_datalist, load_foramen_slabs
+from bundle.io.sagittal_t1 import CropAroundCentred, LoadForamenSlabsd, build_rsna_t1_datalist, load_foramen_slabs
 from bundle.io.series_selection import SeriesInfo, group_series, read_series_descriptions, select_sagittal_t2, weighting
 from bundle.io.spacing import InPlaneSpacing, InPlaneSpacingd
 from bundle.io.tianchi import DEFAULT_TIANCHI_CLASS_MAP, build_tianchi_datalist, index_dicom_folder
@@ -48,6 +48,7 @@ __all__ = [
     "build_rsna_datalist",
     "read_rsna_condition_labels",
     "LoadForamenSlabsd",
+    "CropAroundCentred",
     "build_rsna_t1_datalist",
     "load_foramen_slabs",
     "DEFAULT_TIANCHI_CLASS_MAP",

@@ -21,6 +21,8 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import torch  # noqa: F401 (the docstring example)
+from bundle.codec import mm_to_pixels_np
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import (
     SliceHeader,
@@ -37,6 +39,7 @@ from bundle.skipping import skipped_item
 from bundle.streams import RSNA_T1_STREAMS
 from monai.config import KeysCollection
 from monai.data import MetaTensor
+from monai.transforms import MapTransform, SpatialCrop
 
 __all__ = [
     "DEFAULT_FORAMEN_OFFSET_MM",
@@ -46,6 +49,7 @@ __all__ = [
     "foramen_slab_indices",
     "load_foramen_slabs",
     "LoadForamenSlabsd",
+    "CropAroundCentred",
     "build_rsna_t1_datalist",
 ]
 
@@ -103,13 +107,15 @@ def load_foramen_slabs(
         float32 MetaTensor (2 * num_slices, rows, cols): the left slab's channels, then the right's, with the
         4x4 LPS ``affine`` of the series' middle slice (:func:`series_affine`, as the spinal loader gives), so
         patient-mm foramen points project onto the image plane. Meta: ``instance_numbers`` per channel,
-        ``slab_sides``, ``canal_x_mm``, ``foramen_x_mm`` {side: mm}, ``study_id``/``series_id`` when given.
+        ``slab_sides``, ``canal_x_mm``, ``foramen_x_mm`` {side: mm}, ``canal_centre_mm`` (the mean of the given
+        canal points, [x, y, z] mm) and ``study_id``/``series_id`` when given.
     """
     if int(num_slices) < 1:
         raise ValueError(f"num_slices must be >= 1, got {num_slices}")
     files = list_dicom_files(source)
     series = sort_series(read_slice_headers(files))
     centre = canal_centre_mm(series, canal_mm)
+    located = any(p is not None for p in (canal_mm or []))
     x0 = float(centre[0])
     picked = [i for side in SIDES for i in foramen_slab_indices(series, side, num_slices, foramen_offset_mm, centre)]
     return slices_tensor(
@@ -121,6 +127,7 @@ def load_foramen_slabs(
         canal_x_mm=x0,
         foramen_x_mm={side: x0 + _SIDE_SIGN[side] * float(foramen_offset_mm) for side in SIDES},
         series_num_slices=len(series.slices),
+        canal_centre_mm=[float(v) for v in centre] if located else None,
         study_id=None if study_id is None else str(study_id),
         series_id=None if series_id is None else str(series_id),
     )
@@ -233,3 +240,51 @@ def build_rsna_t1_datalist(
         else:
             logger.warning("study %s: %s, skipped", study, reason)
     return items
+
+
+class CropAroundCentred(MapTransform):
+    """Crop ``data[key]`` (C, H, W MetaTensor) to ``roi_size`` pixels centred on the patient-mm point
+    ``meta[centre_key]`` ([x, y, z]), the window kept inside the image; MONAI's ``SpatialCrop`` does the crop, so
+    the affine follows it and decoded mm stay right.
+
+    For the sagittal T1 model: the foramina lie along the spine, which the spinal-canal points place
+    (:func:`load_foramen_slabs` records their mean as ``canal_centre_mm``), so at inference and validation the
+    network sees a window of its training crop's size around them instead of the whole field of view (the
+    position attention's cost grows with the square of the pixel count). Without the point, and along an axis
+    the image does not exceed, nothing is cropped.
+
+    Example:
+        >>> img = MetaTensor(torch.zeros(1, 8, 8), affine=torch.eye(4, dtype=torch.float64))
+        >>> img.meta["canal_centre_mm"] = [6.0, 6.0, 0.0]
+        >>> out = CropAroundCentred("image", (4, 4))({"image": img})["image"]
+        >>> tuple(out.shape), out.affine[:2, 3].tolist()
+        ((1, 4, 4), [4.0, 4.0])
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        roi_size: Sequence[int],
+        centre_key: str = "canal_centre_mm",
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        size = [int(v) for v in roi_size]
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"roi_size must be two positive pixel counts (rows, cols), got {roi_size}")
+        self.roi_size, self.centre_key = size, centre_key
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict[Hashable, object]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if not isinstance(image, MetaTensor) or image.ndim != 3:
+                raise ValueError(f"data[{key!r}] must be a (C, H, W) MetaTensor, got {type(image).__name__}")
+            centre = image.meta.get(self.centre_key)
+            if centre is None:
+                continue
+            (x, y), extents = mm_to_pixels_np(np.asarray(centre, dtype=np.float64), image.affine)[0], image.shape[1:]
+            sizes = [min(size, int(n)) for size, n in zip(self.roi_size, extents)]
+            start = [int(min(max(round(c - size / 2), 0), int(n) - size)) for c, size, n in zip((y, x), sizes, extents)]
+            d[key] = SpatialCrop(roi_start=start, roi_end=[s + size for s, size in zip(start, sizes)])(image)
+        return d
