@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,21 @@ def test_severity_shrinks_foraminal_fat_and_recess_csf():
         assert fat[side][0] > fat[side][1] > fat[side][2] and fat[side][2] < 0.4 * fat[side][0], (side, fat)
         assert csf[side][0] > csf[side][1] > csf[side][2] and csf[side][2] < 0.4 * csf[side][0], (side, csf)
         assert fat[side][0] >= 20 and csf[side][0] >= 10  # visible at these sizes
+
+
+def test_the_sagittal_t1_foramen_parameters_change_the_t1_series_only():
+    """The outlined foramina's narrowing and front share are drawn on the sagittal T1 alone: other values leave
+    the sagittal T2 and axial T2 pixels as they were, and change the sagittal T1's."""
+    st = phantom_study(2, 1, "rsna", min_size=64, max_size=64)
+    lat = st.lateral
+    other = replace(
+        st, lateral=replace(lat, foramen_narrowing=0.9 - lat.foramen_narrowing, foramen_front=1 - lat.foramen_front)
+    )
+    kinds = {ser.kind for ser in st.series}
+    assert kinds == {"sag_t2", "sag_t1", "ax_t2"}, kinds
+    for ser in st.series:
+        same = np.array_equal(st.pixels(ser), other.pixels(ser))
+        assert same == (ser.kind != "sag_t1"), (ser.kind, ser.series_id)
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from bundle.io import (
 )
 from bundle.io.pixels import read_header
 from bundle.phantoms import generate_phantoms, phantom_study
+from bundle.phantoms.anatomy import DISC_NAMES, foramen_frame, foramen_outline
 from bundle.rsna_labels import LEVELS, SEVERITIES
 from bundle.streams import RSNA_T1_STREAMS
 from bundle.workflow import default_streams, load_datalist
@@ -127,51 +128,59 @@ def test_slabs_hold_the_labelled_foramen_instances(phantoms, items):
         assert total > 0 and found / total >= (0.95 if num_slices == 3 else 1.0), (num_slices, found, total)
 
 
-def _foramen_fat(image, side: int, num_slices: int, mm: list[float], radius_mm: float = 6.0) -> float:
-    """Fraction of the pixels within ``radius_mm`` of a foramen point that are fat (above 0.7 of the slab's 99th
-    percentile: fat is the brightest tissue on T1, the surrounding posterior elements about 0.6 of it), on the
-    side's channel with the most fat."""
+def _outline_fat(image, side: int, num_slices: int, mm: list[float], foramen: tuple) -> float:
+    """Fraction of the pixels inside the outline of a labelled foramen that are fat, on the side's channel with
+    the most fat.
+
+    ``foramen = (spine, level, narrowing)``: the outline is the phantom anatomy's (``foramen_outline`` in the
+    ``foramen_frame`` of that level's foramen, ``rho < 0.95`` to keep clear of its dark rim),
+    evaluated on the plane of the label point ``mm``. Fat: above 0.7 of the slab's 99th percentile (fat is the
+    brightest tissue on T1; the intermediate tissue of a narrowed foramen about half of it, the root less).
+    """
+    spine, level, narrowing = foramen
     slab = np.asarray(image)[side * num_slices : (side + 1) * num_slices]
-    affine = np.asarray(image.affine)
-    x, y = mm_to_pixels_np([mm], affine)[0]
-    spacing = float(np.linalg.norm(affine[:3, 0]))  # mm per row (square pixels)
+    a = np.asarray(image.affine)
     rows, cols = np.mgrid[: slab.shape[1], : slab.shape[2]]
-    disk = (rows - y) ** 2 + (cols - x) ** 2 <= (radius_mm / spacing) ** 2
+    k = (np.asarray(mm) - a[:3, 3]) @ a[:3, 2] / (a[:3, 2] @ a[:3, 2])  # the label point's plane
+    xyz = a[:3, 3] + rows[..., None] * a[:3, 0] + cols[..., None] * a[:3, 1] + k * a[:3, 2]
+    s, u, _ = spine.coords(xyz[..., 0], xyz[..., 1], xyz[..., 2])
+    fs, fu, fa, fb, _ = spine.foramen(DISC_NAMES.index(level.replace("/", "-")))
+    ts, tu, _ = foramen_frame(s, u, (fs, fu), (fa, fb), narrowing)
+    inside = foramen_outline(ts, tu)[0] < 0.95
     bright = slab > 0.7 * np.percentile(slab, 99)
-    return float(max(ch[disk].mean() for ch in bright))
+    return float(max(ch[inside].mean() for ch in bright))
+
+
+GRADED = dict(layout="rsna", seed=5, min_size=224, max_size=256, class_frequencies={"foraminal": (1.0, 1.0, 1.0)})
 
 
 @pytest.fixture(scope="module")
-def graded_items(tmp_path_factory) -> list[dict]:
-    """Three studies whose foramina take the three grades equally often, at a size where a Severe one shows."""
-    root = generate_phantoms(
-        tmp_path_factory.mktemp("t1_graded") / "rsna",
-        layout="rsna",
-        studies=3,
-        seed=5,
-        min_size=224,
-        max_size=256,
-        class_frequencies={"foraminal": (1.0, 1.0, 1.0)},
-    )
-    return build_rsna_t1_datalist(root)
+def graded(tmp_path_factory) -> tuple[list[dict], dict]:
+    """Three studies whose foramina take the three grades equally often, at a size where a Severe one shows: the
+    T1 datalist items and the phantom studies by study id."""
+    root = generate_phantoms(tmp_path_factory.mktemp("t1_graded") / "rsna", studies=3, **GRADED)
+    studies = (phantom_study(index=i, **GRADED) for i in range(3))
+    return build_rsna_t1_datalist(root), {str(st.study_id): st for st in studies}
 
 
-def test_foramen_fat_in_the_loaded_slab_shrinks_with_the_grade(graded_items):
-    """The model's input shows the grade: around the labelled foramen centres, the fat of the side's slab (the
-    phantom's residual fat ellipse) shrinks from Normal/Mild to Moderate to Severe, and every Severe foramen has
-    less fat than every Normal/Mild one (measured: Normal 0.63-1.0, Moderate 0.43-0.81, Severe 0.06-0.25)."""
+def test_fat_fraction_inside_the_outlined_foramen_reads_the_grade(graded):
+    """The model's input shows the grade as a fraction, whatever the spine's size: inside the outline of each
+    labelled foramen (drawn in full at every grade) the share of fat in the side's slab falls from Normal/Mild to
+    Moderate to Severe in disjoint ranges (measured: Normal 0.85-0.90, Moderate 0.39-0.61, Severe 0.02-0.09)."""
+    items, truth = graded
     fat: dict[int, list[float]] = {0: [], 1: [], 2: []}
-    for it in graded_items:
+    for it in items:
+        st = truth[it["study_id"]]
         image = load_foramen_slabs(it["image"], 3, 14.0, it["canal_mm"])
         for s, side in enumerate(SIDES):
             entry = it["keypoints"][f"{side}_foramen"]
-            for mm, label in zip(entry["mm"], entry["label"]):
+            for j, (level, mm, label) in enumerate(zip(LEVELS, entry["mm"], entry["label"])):
                 if mm is not None and label >= 0:
-                    fat[label].append(_foramen_fat(image, s, 3, mm))
+                    foramen = (st.spine, level, float(st.lateral.foramen_narrowing[s, j]))
+                    fat[label].append(_outline_fat(image, s, 3, mm, foramen))
     assert all(len(v) >= 4 for v in fat.values()), {k: len(v) for k, v in fat.items()}
-    means = [float(np.mean(fat[g])) for g in range(3)]
-    assert means[0] > means[1] > means[2], means
-    assert min(fat[0]) > max(fat[2]), (fat[0], fat[2])
+    assert min(fat[0]) > 0.7 and max(fat[2]) < 0.2, fat
+    assert min(fat[0]) > max(fat[1]) and min(fat[1]) > max(fat[2]), fat
 
 
 def test_loader_channels_are_the_nearest_slices(items):

@@ -22,13 +22,20 @@ __all__ = [
     "THORACIC_NAMES",
     "smoothstep",
     "DEFAULT_CLASS_FREQUENCIES",
+    "FORAMEN_HEIGHT_LOSS",
+    "FORAMEN_NARROWING",
     "FORAMEN_RESIDUAL",
+    "FORAMEN_ROOT",
     "RECESS_NARROWING",
     "STENOSIS_RESIDUAL",
     "SIDES",
     "Lateral",
     "Spine",
     "check_class_frequencies",
+    "foramen_fat_band",
+    "foramen_frame",
+    "foramen_narrowing_of",
+    "foramen_outline",
     "sample_lateral",
     "sample_spine",
 ]
@@ -58,8 +65,14 @@ DEFAULT_CLASS_FREQUENCIES: dict[str, tuple[float, ...]] = {
     "subarticular": (0.714, 0.190, 0.096),  # subarticular stenosis
 }
 SIDES = ("left", "right")  # patient left is +x (LPS)
-# foraminal fat: radii of the residual fat ellipse / the normal foramen, range per grade
+# foraminal fat: radii of the residual fat ellipse / the normal foramen, range per grade (the axial T2 view)
 FORAMEN_RESIDUAL = ((0.85, 1.0), (0.5, 0.62), (0.15, 0.3))
+# the sagittal T1 view (foramen_outline): fraction of the outlined foramen's width filled by intermediate tissue
+# at its top (twice that at its bottom), range per grade, mapped from the residual's place in its grade's range
+FORAMEN_NARROWING = ((0.0, 0.06), (0.25, 0.36), (0.62, 0.8))
+FORAMEN_HEIGHT_LOSS = 0.3  # loss of the outline's height (fraction) per unit of narrowing; its top stays
+# the exiting nerve root in the outline's normalised coordinates: centre (ts, tu), semi-axes (along ts, tu)
+FORAMEN_ROOT = (-0.45, -0.15, 0.2, 0.3)
 # lateral recess: radius of the facet / ligamentum bulge / canal half-width, range per grade
 RECESS_NARROWING = ((0.0, 0.1), (0.45, 0.6), (0.75, 0.9))
 # residual canal AP width / normal width, range per stenosis class
@@ -94,6 +107,43 @@ def check_class_frequencies(freqs: Mapping[str, Sequence[float]] | None) -> dict
 def smoothstep(t: np.ndarray) -> np.ndarray:
     t = np.clip(t, 0.0, 1.0)
     return t * t * (3.0 - 2.0 * t)
+
+
+def foramen_frame(s, u, centre: tuple, half: tuple, narrowing):
+    """Normalised coordinates ``(ts, tu, a)`` of spine coordinates ``s, u`` (mm) in one neural foramen's outline.
+
+    ``centre = (s, u)`` and ``half = (a_s, b_u)`` of the normal foramen (:meth:`Spine.foramen`, mm); a
+    ``narrowing`` (0..1, :data:`FORAMEN_NARROWING`) lowers its caudal end by ``FORAMEN_HEIGHT_LOSS * narrowing``
+    of its height, its cranial end (the upper pedicle) staying. ``ts`` runs from -1 (top) to 1 (bottom) of that
+    outline, ``tu`` from -1 (anterior) to 1 (posterior); ``a`` is the outline's half height in mm. Scalars or
+    arrays of one shape; float32 arrays stay float32.
+    """
+    a = half[0] * (1 - FORAMEN_HEIGHT_LOSS * narrowing)
+    return (s - (centre[0] - half[0] + a)) / a, (u - centre[1]) / half[1], a
+
+
+def foramen_outline(ts, tu):
+    """Inverted-teardrop outline of a neural foramen on a parasagittal slice: ``(rho, w)``, ``rho < 1`` inside.
+
+    ``ts, tu`` from :func:`foramen_frame`. The outline is an ellipse whose antero-posterior half width ``w``
+    (fraction of the normal one) narrows from 1 in its upper part (the exiting root) to 0.5 at its bottom (the
+    disc level, between the disc and the facet joint). ``rho`` is the normalised radius.
+    """
+    w = 1 - 0.5 * smoothstep((ts + 0.3) / 1.3)
+    return np.sqrt(ts * ts + (tu / w) ** 2), w
+
+
+def foramen_fat_band(ts, w, narrowing, front):
+    """Limits ``(lo, hi)`` in ``tu`` of the foraminal fat at height ``ts`` (``w`` from :func:`foramen_outline`).
+
+    Intermediate tissue fills ``narrowing * (1 + h)`` of the outline's width at height ``h`` (0 at the top, 1
+    at the bottom): the share ``front`` (0..1) from the front (disc bulge, osteophyte), the rest from behind
+    (facet and ligamentum flavum hypertrophy). Fat lies where ``lo < tu < hi`` inside the outline; the
+    fraction still fat depends on ``narrowing`` and the shape only, not on the foramen's size in mm.
+    """
+    half = w * np.sqrt(np.clip(1 - ts * ts, 0.0, None))
+    closed = 2 * half * narrowing * (1 + np.clip((ts + 1) * 0.5, 0.0, 1.0))
+    return -half + front * closed, half - (1 - front) * closed
 
 
 def _rotate(v: np.ndarray, a: float) -> np.ndarray:
@@ -517,7 +567,9 @@ class Lateral:
     """Neural foraminal narrowing and subarticular stenosis of one phantom spine, per side and RSNA level.
 
     Grades are class indices (``RSNA_SEVERITIES``), ``[side][level]`` with sides ``SIDES`` and levels
-    ``RSNA_LEVELS``. ``foramen_residual`` scales the foraminal fat ellipse (1 = normal);
+    ``RSNA_LEVELS``. ``foramen_residual`` scales the foraminal fat ellipse (1 = normal) seen on the axial T2;
+    the sagittal T1 shows the outlined foramen (:func:`foramen_outline`) with ``foramen_narrowing`` of it
+    filled by intermediate tissue (:func:`foramen_fat_band`), the share ``foramen_front`` from the front;
     ``recess_narrowing`` is the radius of the posterolateral bulge into the recess / canal half-width.
     """
 
@@ -525,6 +577,8 @@ class Lateral:
     subarticular: tuple[tuple[int, ...], tuple[int, ...]]
     foramen_residual: np.ndarray  # (2, 5)
     recess_narrowing: np.ndarray  # (2, 5)
+    foramen_narrowing: np.ndarray  # (2, 5)
+    foramen_front: np.ndarray  # (2, 5)
 
     def labels(self) -> dict[str, dict[str, dict[str, str]]]:
         """``{"foraminal"|"subarticular": {"left"|"right": {"L1/L2": "Normal/Mild", ..}}}``."""
@@ -545,9 +599,24 @@ def sample_lateral(rng: np.random.Generator, freqs: Mapping[str, Sequence[float]
     residual = rng.uniform(lo[fora], hi[fora])
     lo, hi = np.array(RECESS_NARROWING).T
     narrowing = rng.uniform(lo[sub], hi[sub])
+    front = rng.uniform(0.3, 0.7, size=shape)  # drawn last: the draws above (and the axial T2) stay as they were
     return Lateral(
         foraminal=tuple(tuple(int(c) for c in row) for row in fora),
         subarticular=tuple(tuple(int(c) for c in row) for row in sub),
         foramen_residual=residual,
         recess_narrowing=narrowing,
+        foramen_narrowing=foramen_narrowing_of(fora, residual),
+        foramen_front=front,
     )
+
+
+def foramen_narrowing_of(grades: np.ndarray, residual: np.ndarray) -> np.ndarray:
+    """Sagittal T1 narrowing (:data:`FORAMEN_NARROWING`) of foramina of ``grades`` with their axial ``residual``.
+
+    The residual's place in its grade's :data:`FORAMEN_RESIDUAL` range gives the narrowing's place (reversed) in
+    the grade's narrowing range, so both views order the foramina of one grade alike. Arrays of one shape.
+    """
+    lo, hi = np.array(FORAMEN_RESIDUAL).T
+    place = (residual - lo[grades]) / (hi[grades] - lo[grades])
+    n_lo, n_hi = np.array(FORAMEN_NARROWING).T
+    return n_hi[grades] - place * (n_hi[grades] - n_lo[grades])

@@ -13,7 +13,19 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from bundle.phantoms.anatomy import BODY_NAMES, DISC_NAMES, RECESS_NARROWING, Lateral, Spine, smoothstep
+from bundle.phantoms.anatomy import (
+    BODY_NAMES,
+    DISC_NAMES,
+    FORAMEN_ROOT,
+    RECESS_NARROWING,
+    Lateral,
+    Spine,
+    foramen_fat_band,
+    foramen_frame,
+    foramen_narrowing_of,
+    foramen_outline,
+    smoothstep,
+)
 from bundle.phantoms.geometry import SeriesGeometry
 from bundle.streams import RSNA_LEVELS
 
@@ -60,10 +72,13 @@ _CHUNK_PIXELS = 32768  # pixels rendered per block
 _TABLE_STEP = 0.25  # mm between samples of the per-level parameter table along s
 _D, _WB, _BS, _BH, _BDEG, _BMAR, _DS, _DH, _DBUL, _DDEG, _CW, _NAR, _PE, _PED, _CORD, _AORTA, _IVC, _XOFF = range(18)
 _NODE_R, _NODE_SIDE, _NODE_U, _SPUR = range(18, 22)  # Schmorl's node and osteophytes of the nearest disc
-# lateral table: nearest foramen (centre s, u, half extents a, b, fat ellipse scale left/right) and recess bulge
-# radius / canal half-width (left/right) at the nearest disc
-_FS, _FU, _FA, _FB, _FL, _FR, _RL, _RR = range(8)
+# lateral table: nearest foramen (centre s, u, half extents a, b, fat ellipse scale left/right), recess bulge
+# radius / canal half-width (left/right) at the nearest disc, then the nearest foramen's sagittal T1 narrowing and
+# its front share (left/right)
+_FS, _FU, _FA, _FB, _FL, _FR, _RL, _RR, _NL, _NR, _QL, _QR = range(12)
 _OTHER_FORAMEN_RESIDUAL = 0.95  # foramina outside the five RSNA levels
+_OTHER_FORAMEN_FRONT = 0.5
+_FORAMEN_RIM = 1.5  # mm at scale 1: dark cortex around the outlined foramen on the sagittal T1
 _WINDOW_MARGIN = 1.0  # mm added to the bounds of the structure windows in _slice
 _MAX_RECESS = max(hi for _, hi in RECESS_NARROWING)  # largest recess bulge radius / canal half-width
 _TAIL = 1e-6  # Gaussian operator weights below this are zero (products with float32 denormals are slow)
@@ -121,21 +136,25 @@ def _profile_table(sp: Spine) -> tuple[float, np.ndarray]:
 
 
 def _lateral_table(sp: Spine, lateral: Lateral) -> np.ndarray:
-    """Per-s lateral parameters, shape (8, n) float32, on the grid of :func:`_profile_table`."""
+    """Per-s lateral parameters, shape (12, n) float32, on the grid of :func:`_profile_table`."""
     s = np.arange(-300.0, sp.body_s[-1] + 300.0, _TABLE_STEP)
     n_fora = DISC_NAMES.index("L5-S1") + 1
     fora = np.array([sp.foramen(k)[:4] for k in range(n_fora)])
     rho = np.full((n_fora, 2), _OTHER_FORAMEN_RESIDUAL)
+    t1 = np.empty((n_fora, 4))  # sagittal T1 narrowing and front share, left/right
+    t1[:, :2] = foramen_narrowing_of(np.zeros((n_fora, 2), int), rho)
+    t1[:, 2:] = _OTHER_FORAMEN_FRONT
     narrow = np.zeros((len(DISC_NAMES), 2))
     for j, level in enumerate(RSNA_LEVELS):
         k = DISC_NAMES.index(level.replace("/", "-"))
         rho[k] = lateral.foramen_residual[:, j]
         narrow[k] = lateral.recess_narrowing[:, j]
+        t1[k] = np.concatenate([lateral.foramen_narrowing[:, j], lateral.foramen_front[:, j]])
     kf = np.clip(np.searchsorted(0.5 * (fora[1:, 0] + fora[:-1, 0]), s), 0, n_fora - 1)
     kd = np.clip(np.searchsorted(0.5 * (sp.disc_s[1:] + sp.disc_s[:-1]), s), 0, len(sp.disc_s) - 1)
     taper = 4.0 * sp.scale
     w = smoothstep((sp.disc_half[kd] + taper - np.abs(s - sp.disc_s[kd])) / taper)
-    t = np.concatenate([fora[kf], rho[kf], narrow[kd] * w[:, None]], axis=1)
+    t = np.concatenate([fora[kf], rho[kf], narrow[kd] * w[:, None], t1[kf]], axis=1)
     return np.ascontiguousarray(t.T, dtype=np.float32)
 
 
@@ -155,11 +174,14 @@ def _window(cond: np.ndarray) -> tuple[slice, slice] | None:
     return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
 
 
-def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float, tex, ltab=None) -> np.ndarray:
+def _slice(
+    sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float, tex, ltab=None, keyhole: bool = False
+) -> np.ndarray:
     """Noise-free signal of one slice; ``x, y, z`` (H, W) patient mm, ``tex`` (H, W) soft-tissue texture.
 
-    ``tab`` (22, n) from :func:`_profile_table`; ``ltab`` (8, n) from :func:`_lateral_table` adds the graded
-    foraminal fat loss and lateral recess bulges. ``v["marrow"]`` may be an (H, W) array. The vessels, the
+    ``tab`` (22, n) from :func:`_profile_table`; ``ltab`` (12, n) from :func:`_lateral_table` adds the graded
+    foraminal fat loss and lateral recess bulges; with ``keyhole`` (the sagittal T1) the foramina are drawn as
+    :func:`_outlined_foramina`, else as a residual fat ellipse. ``v["marrow"]`` may be an (H, W) array. The vessels, the
     posterior structures and the column are evaluated only on the bounding window of the pixels where their
     soft fractions can be non-zero (bounds in spine coordinates with a margin): outside it they would add
     exact zeros, so the result is the same bit for bit, several times cheaper.
@@ -213,6 +235,7 @@ def _slice(sp: Spine, s0: float, tab: np.ndarray, x, y, z, v: dict, edge: float,
             continue
         marrow = v["marrow"][win] if np.ndim(v["marrow"]) == 2 else v["marrow"]
         px = dict(s=s[win], u=u[win], dx=dx[win], lat=lat[win], hd=hd[win], post=post[win], marrow=marrow, inv=inv)
+        px["keyhole"] = keyhole and ltab is not None
         iw = idx[win]
         part(sp, tab[:, iw], None if ltab is None else ltab[:, iw], px, v, soft, img[win])
     return img
@@ -262,15 +285,21 @@ def _posterior(sp: Spine, p, q, px: dict, v: dict, soft, img: np.ndarray) -> Non
 
     # pedicles and neural foramina (fat) lateral to the dural sac
     wc = f32(sp.canal_half_width)
-    region = soft(np.abs(lat - wc - 4 * sc) - 5 * sc) * soft(np.maximum(hd - u, u - post))
-    occl = p[_PED] if q is None else np.maximum(p[_PED], 1 - _foramen_fat(q, s, u, dx > 0, soft))
-    img += (v["foramen"] + (v["posterior"] - v["foramen"]) * occl - img) * region
+    zone = soft(np.abs(lat - wc - 4 * sc) - 5 * sc)  # lateral extent of the pedicles and foramina
+    region = zone * soft(np.maximum(hd - u, u - post))
+    if px["keyhole"]:  # pedicles of marrow; the foramina are drawn over the posterior elements below
+        img += (v["posterior"] + (px["marrow"] - v["posterior"]) * p[_PED] - img) * region
+    else:
+        occl = p[_PED] if q is None else np.maximum(p[_PED], 1 - _foramen_fat(q, s, u, dx > 0, soft))
+        img += (v["foramen"] + (v["posterior"] - v["foramen"]) * occl - img) * region
 
     # posterior elements: spinous process at the midline, laminae, facets lateral to the sac
     front_pe = post + 0.5 - f32(8.0) * _clip((lat - wc) * f32(0.25), 0, 1)
     back_pe = post + sc * (f32(10.0) + f32(24.0) * soft(lat - 4 * sc))
     f_pe = p[_PE] * soft(np.maximum(front_pe - u, u - back_pe)) * soft(lat - 26 * sc)
     img += (v["posterior"] - img) * f_pe
+    if px["keyhole"]:
+        _outlined_foramina(q, (s, u, dx > 0), zone, f32(_FORAMEN_RIM) * sc, v, soft, img)
 
     if q is not None:  # facet / ligamentum bulge into each lateral recess
         rad = np.where(dx > 0, q[_RL], q[_RR]) * wc
@@ -341,6 +370,31 @@ def _endplates(sp: Spine, p, coords: tuple, v: dict, soft, parts: tuple) -> tupl
     return np.maximum(f_body, spur), i_body, f_disc
 
 
+def _outlined_foramina(q: np.ndarray, coords: tuple, zone, rim, v: dict, soft, img: np.ndarray) -> None:
+    """The nearest neural foramen as the sagittal T1 shows it, in place on ``img`` (H, W).
+
+    ``coords = (s, u, left)`` (mm, mm, bool) per pixel; ``zone`` (H, W) the lateral extent of the foramina;
+    ``rim`` mm. The outline (:func:`foramen_outline`, lowered by the narrowing's height loss) has a dark cortical
+    rim; inside, bright fat around the dark exiting root in its upper part, and intermediate tissue (disc or
+    facet signal) filling the narrowed share (:func:`foramen_fat_band`).
+    """
+    s, u, left = coords
+    n = np.where(left, q[_NL], q[_NR])
+    ts, tu, a = foramen_frame(s, u, (q[_FS], q[_FU]), (q[_FA], q[_FB]), n)
+    rho, w = foramen_outline(ts, tu)
+    d = (rho - 1) * np.minimum(a, q[_FB] * w)  # about the signed distance to the outline, mm
+    lo, hi = foramen_fat_band(ts, w, n, np.where(left, q[_QL], q[_QR]))
+    fat = soft((lo - tu) * q[_FB]) * soft((tu - hi) * q[_FB])
+    rs, ru, ra, rb = FORAMEN_ROOT
+    root = _hypot((ts - rs) * (1 / ra), (tu - ru) * (1 / rb)) - 1
+    root = soft(root * np.minimum(ra * a, rb * q[_FB]))
+    mid = np.float32(0.5) * (v["annulus"] + v["posterior"])  # intermediate signal (disc, facet, ligament)
+    content = mid + (v["foramen"] - mid) * fat
+    content += (v["muscle"] - content) * root
+    img += (v["cortex"] - img) * (soft(d - rim) - soft(d)) * zone
+    img += (content - img) * soft(d) * zone
+
+
 def _foramen_fat(q: np.ndarray, s, u, left, soft) -> np.ndarray:
     """Fat fraction (H, W) of the nearest foramen: an ellipse in (s, u) scaled by the side's residual."""
     rho = np.where(left, q[_FL], q[_FR])
@@ -374,7 +428,8 @@ def render_series(
     ``contrast`` is "T2" or "T1". Randomness (tissue contrast, texture, bias field, noise) comes
     from ``rng`` only, so equal generator states give identical images. ``lateral`` adds the graded
     foraminal narrowing and subarticular stenosis (without it, the foramina and recesses are all normal
-    as in sets made before these conditions existed).
+    as in sets made before these conditions existed); a T1 series shows the foramina outlined
+    (:func:`_outlined_foramina`), a T2 series as a residual fat ellipse.
     """
     if contrast not in CONTRASTS:
         raise ValueError(f"contrast must be one of {sorted(CONTRASTS)}, got {contrast!r}")
@@ -399,7 +454,7 @@ def render_series(
         tex = _wave(waves, geom, k)
         for r in range(0, geom.rows, step):  # row blocks that stay in cache: ~2.5x faster than whole slices
             sl = slice(r, r + step)
-            img[sl] = _slice(spine, s0, tab, x[sl], y[sl], z[sl], v, edge, tex[sl], ltab)
+            img[sl] = _slice(spine, s0, tab, x[sl], y[sl], z[sl], v, edge, tex[sl], ltab, contrast == "T1")
         sig = np.maximum(img * bias, 0)
         n1 = rng.standard_normal(sig.shape, dtype=np.float32)
         n2 = rng.standard_normal(sig.shape, dtype=np.float32)
@@ -502,8 +557,10 @@ def _artefacts(img: np.ndarray, a: dict) -> np.ndarray:
 
 
 def _thick_slice(spine: Spine, geom: SeriesGeometry, k: int, tables: tuple, v: dict, edge: float, tex, spots):
-    """Noise-free signal (rows, cols) of slice ``k``: two sub-slices at +-thickness/4 (partial volume)."""
-    s0, tab, ltab = tables
+    """Noise-free signal (rows, cols) of slice ``k``: two sub-slices at +-thickness/4 (partial volume).
+
+    ``tables = (s0, tab, ltab, keyhole)`` as the arguments of :func:`_slice`."""
+    s0, tab, ltab, keyhole = tables
     normal = geom.dirs(k)[2]
     grid = geom.grid(k)
     img = np.zeros((geom.rows, geom.cols), np.float32)
@@ -513,7 +570,7 @@ def _thick_slice(spine: Spine, geom: SeriesGeometry, k: int, tables: tuple, v: d
         for r in range(0, geom.rows, step):
             sl = slice(r, r + step)
             vb = dict(v, marrow=v["marrow"] * spots[sl])
-            img[sl] += 0.5 * _slice(spine, s0, tab, x[sl], y[sl], z[sl], vb, edge, tex[sl], ltab)
+            img[sl] += 0.5 * _slice(spine, s0, tab, x[sl], y[sl], z[sl], vb, edge, tex[sl], ltab, keyhole)
     return img
 
 
@@ -529,7 +586,7 @@ def render_realistic(
     rng = np.random.default_rng(a["texture_seed"])
     v = _tissues(contrast, a)
     s0, tab = _profile_table(spine)
-    tables = (s0, tab, None if lateral is None else _lateral_table(spine, lateral))
+    tables = (s0, tab, None if lateral is None else _lateral_table(spine, lateral), contrast == "T1")
     edge = max(0.8, 0.7 * geom.pixel_spacing[0])
     yy = np.linspace(-1, 1, geom.rows)[:, None]
     xx = np.linspace(-1, 1, geom.cols)[None, :]
