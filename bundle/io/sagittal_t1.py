@@ -21,7 +21,6 @@ from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch  # noqa: F401 (the docstring example)
 from bundle.codec import mm_to_pixels_np
 from bundle.errors import BundleInputError
 from bundle.io.dicom_series import (
@@ -254,6 +253,7 @@ class CropAroundCentred(MapTransform):
     the image does not exceed, nothing is cropped.
 
     Example:
+        >>> import torch
         >>> img = MetaTensor(torch.zeros(1, 8, 8), affine=torch.eye(4, dtype=torch.float64))
         >>> img.meta["canal_centre_mm"] = [6.0, 6.0, 0.0]
         >>> out = CropAroundCentred("image", (4, 4))({"image": img})["image"]
