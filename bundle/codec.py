@@ -32,13 +32,13 @@ import torch
 import torch.nn.functional as F
 from bundle.decoding import (
     PATCH_HALF,
-    bilinear_at,
     hough_voting,
     landing_reach,
     max_filter,
     pick_peaks,
     refine_peaks,
     splat_points,
+    upsample_blocks,
 )
 from bundle.levels import assign_levels
 from bundle.streams import StreamSpec, parse_streams, split_output, stream_channels
@@ -444,7 +444,7 @@ class OCPCCodec:
         the target grid (the target pixels of network pixels r - 1 .. r + 1, c - 1 .. c + 1, the core, plus
         the NMS half-width and the refinement's reach) gets its exact target-grid Hough maps: only the network
         pixels whose target pixels' votes can land in a window (:func:`bundle.decoding.landing_reach`) are
-        upsampled (:func:`bundle.decoding.bilinear_at`) and vote (:func:`bundle.decoding.splat_points`). A
+        upsampled (:func:`bundle.decoding.upsample_blocks`) and vote (:func:`bundle.decoding.splat_points`). A
         window's candidate is the best local maximum in its core, as on the whole target grid.
         """
         up, c = int(self.upsample), spec.num_classes
@@ -463,7 +463,7 @@ class OCPCCodec:
         block = torch.arange(up)
         rows = (nz[:, :1] * up + block).repeat_interleave(up, dim=1).flatten()  # their target pixels
         cols = (nz[:, 1:] * up + block).repeat(1, up).flatten()
-        values = bilinear_at(torch.cat([logits, offsets]), rows, cols, up)  # (3C, N)
+        values = upsample_blocks(torch.cat([logits, offsets]), nz[:, 0], nz[:, 1], up).flatten(1)  # (3C, N)
         oy, ox = int(win[:, 0].min()), int(win[:, 2].min())  # the maps cover the windows' bounding box only
         shape = (int(win[:, 1].max()) - oy, int(win[:, 3].max()) - ox)
         x, y = (cols - ox).to(values.dtype) + values[c::2], (rows - oy).to(values.dtype) + values[c + 1 :: 2]

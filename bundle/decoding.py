@@ -16,7 +16,7 @@ __all__ = [
     "REFINE_STEPS",
     "REFINE_TOLERANCE",
     "hough_voting",
-    "bilinear_at",
+    "upsample_blocks",
     "landing_reach",
     "splat_points",
     "max_filter",
@@ -65,21 +65,23 @@ def hough_voting(probs: torch.Tensor, offsets: torch.Tensor, radius: float) -> t
 
 
 def max_filter(score: torch.Tensor, kernel: int) -> torch.Tensor:
-    """``kernel`` x ``kernel`` moving maximum of an (H, W) map, -inf outside: ``F.max_pool2d(stride=1,
+    """``kernel`` x ``kernel`` moving maximum of (..., H, W) maps, -inf outside: ``F.max_pool2d(stride=1,
     padding=kernel // 2)``, computed separably with ``torch.maximum`` (max_pool2d on one channel is
-    single-threaded and keeps indices, about 10x slower at 640 x 640)."""
+    single-threaded and keeps indices, about 10x slower at 640 x 640); leading dimensions in one pass."""
     half = kernel // 2
     if half == 0:
         return score
-    h, w = score.shape
-    padded = F.pad(score[None], (half, half, half, half), value=-math.inf)[0]
-    across = padded[:, 0:w]
+    h, w = score.shape[-2:]
+    lead = score.shape[:-2]
+    flat = score.reshape(-1, h, w)
+    padded = F.pad(flat, (half, half, half, half), value=-math.inf)
+    across = padded[..., 0:w]
     for dx in range(1, kernel):
-        across = torch.maximum(across, padded[:, dx : dx + w])
-    pooled = across[0:h]
+        across = torch.maximum(across, padded[..., dx : dx + w])
+    pooled = across[:, 0:h]
     for dy in range(1, kernel):
-        pooled = torch.maximum(pooled, across[dy : dy + h])
-    return pooled
+        pooled = torch.maximum(pooled, across[:, dy : dy + h])
+    return pooled.reshape(*lead, h, w)
 
 
 def pick_peaks(score: torch.Tensor, k: int, kernel: int) -> list[tuple[int, int]]:
@@ -195,35 +197,41 @@ def landing_reach(offsets: torch.Tensor, up: int) -> torch.Tensor:
     c2, h, w = offsets.shape
     limit = float(up * (h + w) + 2)  # beyond the grid either way: a vote landing there is dropped
     off = torch.nan_to_num(offsets.float(), nan=0.0, posinf=limit, neginf=-limit).clamp(-limit, limit)
-    bounds = []
-    for axis, n in ((0, w), (1, h)):
-        o = off[axis::2]
-        low, high = -max_filter(-o.amin(dim=0), 3), max_filter(o.amax(dim=0), 3)
-        start = (torch.arange(n, dtype=off.dtype) * up).view((1, n) if axis == 0 else (n, 1))
-        bounds += [start + low, start + (up - 1) + high]
-    return torch.stack(bounds)
+    x, y = off[0::2], off[1::2]
+    # the four extremes negated where a minimum is wanted, so that one 3 x 3 maximum filter serves them all
+    spread = max_filter(torch.stack([-x.amin(dim=0), x.amax(dim=0), -y.amin(dim=0), y.amax(dim=0)]), 3)
+    spread[0::2].neg_()
+    start = torch.stack(
+        torch.meshgrid(torch.arange(h, dtype=off.dtype), torch.arange(w, dtype=off.dtype), indexing="ij")
+    )
+    start = start.flip(0).repeat_interleave(2, dim=0).mul_(up)  # (4, h, w): column, column, row, row
+    start[1::2] += up - 1
+    return start + spread
 
 
-def bilinear_at(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, up: int) -> torch.Tensor:
-    """``F.interpolate(field[None], scale_factor=up, mode="bilinear", align_corners=False)[0]`` read only at the
-    target pixels (rows, cols) (N,) int64: field (M, h, w) -> (M, N), same formula (edges clamped)."""
-    _, h, w = field.shape
+def _block_weights(up: int, dtype: torch.dtype) -> torch.Tensor:
+    """(up^2, 9) weights of a network pixel's 3 x 3 neighbourhood (row-major, replicate-padded) for each target
+    pixel (row-major) of its ``up`` x ``up`` block under bilinear upsampling, ``align_corners=False``: target
+    pixel k of a block sits at ``(k + 0.5) / up - 0.5`` network pixels from its centre, between the centre and
+    the neighbour on that side."""
+    s = (torch.arange(up, dtype=torch.float64) + 0.5) / up - 0.5  # (up,) in (-0.5, 0.5)
+    one = torch.zeros(up, 3, dtype=torch.float64)  # 1-D weights on neighbours -1, 0, +1
+    one[:, 0], one[:, 1], one[:, 2] = (-s).clamp_min(0), 1 - s.abs(), s.clamp_min(0)
+    return (one[:, None, :, None] * one[None, :, None, :]).reshape(up * up, 9).to(dtype)
 
-    def taps(u: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        src = ((u.to(field.dtype) + 0.5) * (1.0 / up) - 0.5).clamp_min(0.0)
-        i0 = src.long().clamp_max(n - 1)
-        return i0, (i0 + 1).clamp_max(n - 1), src - i0
 
-    y0, y1, ly = taps(rows, h)
-    x0, x1, lx = taps(cols, w)
-    flat = field.reshape(field.shape[0], h * w)
-
-    def at(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return flat.index_select(1, y * w + x)
-
-    top = (1 - lx) * at(y0, x0) + lx * at(y0, x1)
-    bottom = (1 - lx) * at(y1, x0) + lx * at(y1, x1)
-    return (1 - ly) * top + ly * bottom
+def upsample_blocks(field: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, up: int) -> torch.Tensor:
+    """``F.interpolate(field[None], scale_factor=up, mode="bilinear", align_corners=False)[0]`` on the ``up`` x
+    ``up`` target blocks of network pixels (rows, cols) (S,) int64 only: field (M, h, w) -> (M, S, up^2), each
+    block row-major (target pixels ``rows * up + ky``, ``cols * up + kx``). Bilinear weights within a block do
+    not depend on where the block is, so every block is one gather of its 3 x 3 neighbourhood (edges
+    replicated, as the interpolation clamps them) and one product with :func:`_block_weights`."""
+    m, h, w = field.shape
+    padded = F.pad(field[None], (1, 1, 1, 1), mode="replicate")[0].reshape(m, (h + 2) * (w + 2))
+    step = torch.arange(3)
+    around = ((rows[:, None, None] + step[:, None]) * (w + 2) + cols[:, None, None] + step).reshape(-1)  # (S 9,)
+    taps = padded.index_select(1, around).view(m, -1, 9)
+    return taps @ _block_weights(up, field.dtype).T
 
 
 def splat_points(weights: torch.Tensor, x: torch.Tensor, y: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:

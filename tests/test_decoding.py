@@ -429,18 +429,23 @@ def test_refine_peaks_at_once_equals_one_by_one():
     assert refine_peaks(total, []).shape == (0, 2)
 
 
-def test_bilinear_at_and_splat_points_equal_the_whole_grid_ops(monkeypatch):
-    """``bilinear_at`` reads F.interpolate's upsampled values at given pixels; ``splat_points`` of every pixel's
-    vote equals the whole-map splat (private kernel and public fallback), also with non-finite offsets."""
+@pytest.mark.parametrize("up", [1, 2, 3, 4])
+def test_upsample_blocks_and_splat_points_equal_the_whole_grid_ops(monkeypatch, up):
+    """``upsample_blocks`` gives F.interpolate's upsampled values on the blocks of given network pixels (edges
+    included, any factor); ``splat_points`` of every pixel's vote equals the whole-map splat (private kernel and
+    public fallback), also with non-finite offsets."""
     from bundle import decoding
 
     torch.manual_seed(2)
     field = torch.randn(4, 7, 9, dtype=torch.float64)
-    full = F.interpolate(field[None], scale_factor=4, mode="bilinear", align_corners=False)[0]
-    rows, cols = torch.randint(0, 28, (50,)), torch.randint(0, 36, (50,))
-    np.testing.assert_allclose(
-        decoding.bilinear_at(field, rows, cols, 4).numpy(), full[:, rows, cols].numpy(), atol=1e-12
-    )
+    full = F.interpolate(field[None], scale_factor=up, mode="bilinear", align_corners=False)[0]
+    src_rows, src_cols = torch.tensor([0, 6, 3, 0, 6, 2, 2]), torch.tensor([0, 8, 4, 8, 0, 0, 5])  # corners, edges
+    block = torch.arange(up)
+    rows = (src_rows[:, None] * up + block).repeat_interleave(up, dim=1).flatten()
+    cols = (src_cols[:, None] * up + block).repeat(1, up).flatten()
+    got = decoding.upsample_blocks(field, src_rows, src_cols, up)
+    assert got.shape == (4, 7, up * up)
+    np.testing.assert_allclose(got.flatten(1).numpy(), full[:, rows, cols].numpy(), atol=1e-12)
     p = torch.rand(2, 1, 11, 8, dtype=torch.float64)
     off = torch.randn(2, 2, 11, 8, dtype=torch.float64) * 4.0
     off[0, 0, 1, 2], off[1, 1, 3, 3] = float("nan"), float("inf")

@@ -107,6 +107,8 @@ def test_max_filter_equals_max_pool(kernel):
     score[4, 5:8] = 2.0  # a plateau
     ref = F.max_pool2d(score[None, None], kernel, stride=1, padding=kernel // 2)[0, 0]
     assert torch.equal(max_filter(score, kernel), ref)
+    stack = torch.stack([score, -score, score.flip(0)])[None]  # leading dimensions (1, 3): one pass
+    assert torch.equal(max_filter(stack, kernel), F.max_pool2d(stack[0], kernel, stride=1, padding=kernel // 2)[None])
 
 
 def test_loader_meta_names_middle_file(tmp_path):
