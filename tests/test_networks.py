@@ -408,10 +408,15 @@ def test_blocked_attention_in_float32_equals_plain_softmax_attention():
 
 
 def test_fused_pam_under_bf16_autocast_runs_blocked_and_stays_close_to_fp32(monkeypatch):
-    """Under CPU bf16 autocast without gradients the fused PAM uses the blocked attention (no flash kernel, no
-    N x N matrix); it stays as close to the float32 plain PAM as the flash kernel's own bf16 path, which
-    gradient mode keeps. (Most of the difference is the bf16 rounding of q, k and v by the 1x1 convolutions.)"""
+    """Under CPU bf16 autocast without gradients, where the kernel probe finds it faster, the fused PAM uses the
+    blocked attention (no flash kernel, no N x N matrix); it stays as close to the float32 plain PAM as the flash
+    kernel's own bf16 path, which gradient mode keeps. (Most of the difference is the bf16 rounding of q, k and v
+    by the 1x1 convolutions.)"""
+    from bundle.networks import attention
+
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    monkeypatch.setattr(attention, "_kernel_choices", {})  # a probe that finds the blocked form faster
+    monkeypatch.setattr(attention, "attention_kernel_seconds", lambda *shape: {"blocked": 0.1, "flash": 0.2})
     plain = _randomise(PositionAttention(64, "plain"), seed=6, gamma=1.1)
     fused = PositionAttention(64, "fused")
     fused.load_state_dict(plain.state_dict())
@@ -550,18 +555,29 @@ def test_atrous_conv_bf16_path_and_folding():
         torch.testing.assert_close(folded(x), aspp(x), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_pam_keeps_the_flash_kernel_in_bf16_with_amx(monkeypatch):
+@pytest.mark.parametrize("blocked_seconds", [0.1, 0.3])
+def test_fused_pam_keeps_the_flash_kernel_in_bf16_with_amx(monkeypatch, blocked_seconds):
     """With AMX the bf16 flash kernel is the fast one: inference under bf16 autocast keeps SDPA (no blocked
-    attention) and stays within the blocked form's tolerance of the fp32 plain PAM."""
-    from bundle.networks.attention import blocked_for_bf16
+    attention, no probe); without AMX the kernel the probe times faster runs. Both stay within the blocked
+    form's tolerance of the fp32 plain PAM."""
+    from bundle.networks import attention
 
     plain = _randomise(PositionAttention(64, "plain"), seed=6, gamma=1.1)
     fused = PositionAttention(64, "fused")
     fused.load_state_dict(plain.state_dict())
     x = (0.3 * torch.randn(1, 64, 24, 20)).bfloat16().contiguous(memory_format=torch.channels_last)
-    for caps, blocked in (({"amx_bf16": True}, False), ({"avx512_bf16": True}, True)):
+    probed = []
+
+    def kernel_seconds(*shape):
+        probed.append(shape)
+        return {"blocked": blocked_seconds, "flash": 0.2}
+
+    monkeypatch.setattr(attention, "attention_kernel_seconds", kernel_seconds)
+    monkeypatch.setattr(attention, "_kernel_choices", {})
+    for caps, blocked in (({"amx_bf16": True}, False), ({"avx512_bf16": True}, blocked_seconds < 0.2)):
         monkeypatch.setattr(torch.cpu, "get_capabilities", lambda caps=caps: caps)
-        assert blocked_for_bf16() is blocked
+        assert attention.blocked_for_bf16(24 * 20, 8, 64) is blocked
+        assert len(probed) == (0 if "amx_bf16" in caps else 1)  # AMX: no probe; else one, cached
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), torch.profiler.profile() as prof:
             got = fused(x)
         flash = "aten::_scaled_dot_product_flash_attention_for_cpu" in {e.key for e in prof.key_averages()}
@@ -569,3 +585,22 @@ def test_fused_pam_keeps_the_flash_kernel_in_bf16_with_amx(monkeypatch):
         with torch.no_grad():
             ref = plain(x.float())
         assert float((got.float() - ref).abs().max()) < 0.05 * float(ref.std())
+
+
+def test_attention_kernel_probe_times_both_kernels_and_is_cached_per_thread_count(monkeypatch):
+    from bundle.networks import attention
+
+    seconds = attention.attention_kernel_seconds(300, 8, 64, repeats=1)
+    assert set(seconds) == {"blocked", "flash"} and all(0 < v < 5 for v in seconds.values())
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})
+    monkeypatch.setattr(attention, "_kernel_choices", {})
+    calls = []
+    monkeypatch.setattr(attention, "attention_kernel_seconds", lambda *a: calls.append(a) or {"blocked": 1, "flash": 2})
+    assert attention.blocked_for_bf16(300, 8, 64) and attention.blocked_for_bf16(300, 8, 64) and len(calls) == 1
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1 if threads > 1 else 2)
+        attention.blocked_for_bf16(300, 8, 64)
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == 2  # another thread count: probed again

@@ -8,6 +8,8 @@ extra GroupNorm).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,16 +22,54 @@ PAM_IMPLS = ("plain", "fused")
 QUERY_BLOCK = 64
 
 
-def blocked_for_bf16() -> bool:
-    """Whether CPU bfloat16 inference runs :func:`blocked_attention` rather than the SDPA flash kernel: on a CPU
-    without AMX (``torch.cpu.get_capabilities()``), where the flash kernel gains nothing in bfloat16 (measured
-    on AVX512-BF16: 0.87-0.96 s against 0.86 s in float32, N = 16384, one thread) and the blocked form 1.5x;
-    with AMX the flash kernel's bfloat16 tiles are fast (0.24 s against 0.71 s in float32 and 0.72 s blocked,
-    N = 25600, two threads), so it is kept."""
+#: queries timed per kernel by :func:`blocked_for_bf16`'s probe (a share of the work at the real key count)
+PROBE_ROWS = 256
+_kernel_choices: dict[tuple[int, int, int, int], bool] = {}
+
+
+def blocked_for_bf16(n: int = 16384, key_channels: int = 8, channels: int = 64) -> bool:
+    """Whether CPU bfloat16 inference runs :func:`blocked_attention` rather than the SDPA flash kernel for
+    ``n`` positions. With AMX (``torch.cpu.get_capabilities()``) the flash kernel's bfloat16 tiles are fast
+    (0.24 s against 0.71 s in float32 and 0.72 s blocked, N = 25600, two threads): flash, no probe. Without
+    AMX neither wins everywhere (AVX512-BF16, N = 16384: blocked 0.58 s against flash 0.86 s at one thread,
+    but 0.69 s against 0.46 s at two, where the blocked form's small products do not scale), so a probe
+    times both on :data:`PROBE_ROWS` queries against ``n`` keys, once per process, shape and thread count."""
     try:
-        return torch.cpu.get_capabilities().get("amx_bf16") is not True
-    except (AttributeError, RuntimeError):  # an older torch without the public query
-        return True
+        if torch.cpu.get_capabilities().get("amx_bf16") is True:
+            return False
+    except (AttributeError, RuntimeError):  # an older torch without the public query: probe
+        pass
+    key = (int(n), int(key_channels), int(channels), torch.get_num_threads())
+    if key not in _kernel_choices:
+        seconds = attention_kernel_seconds(*key[:3])
+        _kernel_choices[key] = seconds["blocked"] < seconds["flash"]
+    return _kernel_choices[key]
+
+
+def attention_kernel_seconds(n: int, key_channels: int, channels: int, repeats: int = 3) -> dict[str, float]:
+    """Best-of-``repeats`` seconds (after a warm-up) of :data:`PROBE_ROWS` bfloat16 queries against ``n`` keys by
+    :func:`blocked_attention` and by the flash kernel (q, k zero-padded to ``channels``, as
+    :meth:`PositionAttention.attend` calls it): ``{"blocked", "flash"}``."""
+    rows = min(PROBE_ROWS, n)
+    q = torch.randn(1, rows, key_channels, dtype=torch.bfloat16)
+    k = torch.randn(1, n, key_channels, dtype=torch.bfloat16)
+    v = torch.randn(1, n, channels, dtype=torch.bfloat16)
+    qp, kp = (F.pad(t, (0, channels - key_channels)).unsqueeze(1) for t in (q, k))
+    kernels = {
+        "blocked": lambda: blocked_attention(q, k, v, torch.bfloat16),
+        "flash": lambda: F.scaled_dot_product_attention(qp, kp, v.unsqueeze(1), scale=1.0),
+    }
+    out = {}
+    with torch.no_grad():
+        for name, run in kernels.items():
+            run()
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                run()
+                best = min(best, time.perf_counter() - start)
+            out[name] = best
+    return out
 
 
 def _bf16_cpu(x: torch.Tensor) -> bool:
@@ -83,9 +123,8 @@ class PositionAttention(nn.Module):
             from C // 8 to C channels (q . k is unchanged, and equal head widths let a fused flash /
             memory-efficient kernel run), so the N x N matrix is never stored. Both agree to ~1e-5 in float32.
             Under CPU bfloat16 (autocast or bfloat16 input) without gradients on a CPU without AMX, ``"fused"``
-            runs :func:`blocked_attention` instead: there the flash kernel is no faster in bfloat16 than in
-            float32 (its padded q . k work is 8 times the useful one), the blocked form about 1.5 times faster
-            (:func:`blocked_for_bf16`).
+            runs :func:`blocked_attention` instead where a one-off probe finds it faster than the flash kernel
+            at that size and thread count (:func:`blocked_for_bf16`).
 
     Example:
         >>> pam = PositionAttention(64)
@@ -124,7 +163,12 @@ class PositionAttention(nn.Module):
         -> (B, C, Nq), by the kernel ``impl`` and the precision select (Nq = N in :meth:`forward`; fewer
         queries time a share of the work, as :func:`bundle.precision.network_probe` does)."""
         if not torch.jit.is_scripting():  # not compiled by TorchScript: exports keep the SDPA path
-            if self.impl == "fused" and not torch.is_grad_enabled() and _bf16_cpu(v) and blocked_for_bf16():
+            if (
+                self.impl == "fused"
+                and not torch.is_grad_enabled()
+                and _bf16_cpu(v)
+                and blocked_for_bf16(k.shape[-1], k.shape[1], v.shape[1])
+            ):
                 # (B, N, .) views of q, k, v are copy-free for channels_last maps
                 attended = blocked_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), torch.bfloat16)
                 return attended.to(v.dtype).transpose(1, 2)  # (B, C, Nq)
