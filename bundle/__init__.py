@@ -3,6 +3,7 @@
 The configs in ``configs/`` name the parts exported here (``bundle.SpineOne``, ``bundle.SpineOneLoss``, ...).
 """
 
+from bundle.augment import RandFieldOfViewd
 from bundle.codec import OCPCCodec, mm_to_pixels, pixels_to_mm
 from bundle.decoding import hough_voting
 from bundle.engines import EvaluationBatch, TrainingBatch
@@ -54,6 +55,7 @@ __all__ = [
     "OCPCTargetsd",
     "ObjectiveAssociationHandler",
     "PositionAttention",
+    "RandFieldOfViewd",
     "RSNA_STREAMS",
     "RsnaScoreHandler",
     "ScaleIntensityPercentilesd",

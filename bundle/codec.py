@@ -57,6 +57,7 @@ __all__ = [
     "pixels_to_mm",
     "encode_ocpc",
     "encode_level_map",
+    "level_end_points",
 ]
 
 
@@ -197,13 +198,29 @@ def encode_ocpc(
     return heatmap, offset, mask
 
 
-def encode_level_map(points: torch.Tensor, shape: Sequence[int], radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+def level_end_points(points: torch.Tensor) -> torch.Tensor:
+    """The structures one level beyond each end of a stream, extrapolated from its keypoints (L, 2) (NaN =
+    missing): ``2 p_0 - p_1`` (level -1, e.g. T12/L1 above L1/L2) and ``2 p_{L-1} - p_{L-2}`` (level L, e.g. the
+    sacrum below L5/S1) -> (2, 2), NaN where an end or its neighbour is missing (and for L < 2)."""
+    pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
+    ends = torch.full((2, 2), float("nan"), dtype=torch.float64)
+    if pts.shape[0] >= 2:
+        ends[0], ends[1] = 2 * pts[0] - pts[1], 2 * pts[-1] - pts[-2]
+    return ends
+
+
+def encode_level_map(
+    points: torch.Tensor, shape: Sequence[int], radius: float, ends: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw the level-map target on a target grid: inside the disk (radius R) of keypoint ``l`` the value ``l``.
 
     Args:
         points: (L, 2) keypoints ``(x=col, y=row)`` in target-grid pixels, row ``l`` = level index ``l``
             (head to feet); NaN = missing. Unlike the heatmap, a keypoint of unknown class is drawn.
         shape: target grid ``(Ht, Wt)``. radius: R in target pixels.
+        ends: also draw -1 and L at the structures one level beyond the ends (:func:`level_end_points`), so that
+            the map learns what the neighbours of the first and last levels read (T12/L1 is not L1/L2) instead
+            of leaving them unsupervised.
 
     Returns:
         level (1, Ht, Wt) and level mask (1, Ht, Wt), float32; the nearest keypoint owns a pixel.
@@ -212,12 +229,18 @@ def encode_level_map(points: torch.Tensor, shape: Sequence[int], radius: float) 
         >>> level, mask = encode_level_map(torch.tensor([[0.0, 0.0], [0.0, 3.0]]), (4, 1), radius=1.0)
         >>> level[0, :, 0].tolist(), mask[0, :, 0].tolist()
         ([0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0])
+        >>> level, mask = encode_level_map(torch.tensor([[0.0, 3.0], [0.0, 6.0]]), (10, 1), 1.0, ends=True)
+        >>> level[0, :, 0].tolist()
+        [-1.0, -1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 2.0, 2.0]
     """
     pts = torch.as_tensor(points, dtype=torch.float64).reshape(-1, 2)
     ht, wt = int(shape[0]), int(shape[1])
     level = torch.zeros(1, ht, wt, dtype=torch.float32)
     mask = torch.zeros(1, ht, wt, dtype=torch.float32)
     index = torch.arange(pts.shape[0], dtype=torch.float32)
+    if ends:
+        pts = torch.cat([pts, level_end_points(pts)])
+        index = torch.cat([index, torch.tensor([-1.0, float(len(index))])])
     keep = inside_grid(pts, (ht, wt))
     if not keep.any():
         return level, mask
@@ -262,6 +285,9 @@ class OCPCCodec:
         window_search: when the target grid is finer than the network grid, find the candidates on a Hough map
             voted on the network grid and vote on the target grid only in a window around each (the votes that
             can land there; exact there, see :meth:`decode`); False: vote on the whole target grid.
+        level_ends: the level-map targets also mark the structures one level beyond each stream's first and
+            last keypoints (extrapolated, :func:`level_end_points`) with -1 and K, so that the network learns
+            that T12/L1 is not L1/L2 and the disc below L5/S1 not L5/S1 (not in the paper).
 
     Example:
         >>> codec = OCPCCodec({"disc": {"levels": ["a", "b"], "classes": ["n", "d"]}}, 2.0, 1, 1)
@@ -284,6 +310,7 @@ class OCPCCodec:
         candidates: int = 2,
         level_spacing_mm: float = 35.0,
         window_search: bool = True,
+        level_ends: bool = True,
     ) -> None:
         self.streams = parse_streams(streams)
         if network_stride is None:
@@ -306,6 +333,7 @@ class OCPCCodec:
         self.candidates = int(candidates)
         self.level_spacing_mm = float(level_spacing_mm)
         self.window_search = bool(window_search)
+        self.level_ends = bool(level_ends)
 
     def __repr__(self) -> str:
         names = {s.name: (len(s.levels), len(s.classes)) for s in self.streams}
@@ -370,7 +398,9 @@ class OCPCCodec:
             heatmap, offset, mask = encode_ocpc(target_px, lab, spec.num_classes, grid, self.radius)
             out[f"{spec.name}_heatmap"], out[f"{spec.name}_offset"] = heatmap, offset
             out[f"{spec.name}_offset_mask"], out[f"{spec.name}_points_px"] = mask, px.float()
-            out[f"{spec.name}_level"], out[f"{spec.name}_level_mask"] = encode_level_map(target_px, grid, self.radius)
+            out[f"{spec.name}_level"], out[f"{spec.name}_level_mask"] = encode_level_map(
+                target_px, grid, self.radius, self.level_ends
+            )
         return out
 
     # ---- decode

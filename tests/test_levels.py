@@ -75,7 +75,11 @@ def _synthetic_output(codec: OCPCCodec, affine, shape, discs: dict[str, np.ndarr
     """A perfect network output with one disc structure at each of ``discs`` (whatever their names)."""
     spec = codec.streams[0]
     every = OCPCCodec(
-        [StreamSpec(spec.name, tuple(discs), spec.classes)], codec.radius, codec.target_stride, codec.network_stride
+        [StreamSpec(spec.name, tuple(discs), spec.classes)],
+        codec.radius,
+        codec.target_stride,
+        codec.network_stride,
+        level_ends=False,  # every disc is a level here: the map holds their indices only
     )
     points = torch.tensor(np.array(list(discs.values())), dtype=torch.float64)
     t = every.encode({spec.name: points}, {spec.name: torch.zeros(len(discs), dtype=torch.int64)}, affine, shape)

@@ -206,3 +206,27 @@ def test_targets_argument_checks():
         t({"image": torch.zeros(1, 4, 4), "disc_points": torch.zeros(3, 3), "disc_labels": torch.zeros(3)})
     with pytest.raises(KeyError, match="disc_points"):
         t({"image": _image(4, 4)})
+
+
+def test_level_end_points_extrapolate_one_level_beyond_each_end():
+    from bundle.codec import level_end_points
+
+    ends = level_end_points(torch.tensor([[10.0, 20.0], [12.0, 30.0], [15.0, 41.0]]))
+    assert ends.tolist() == [[8.0, 10.0], [18.0, 52.0]]  # 2 p0 - p1 and 2 p2 - p1
+    ends = level_end_points(torch.tensor([[NAN, NAN], [12.0, 30.0], [15.0, 41.0]]))
+    assert torch.isnan(ends[0]).all() and ends[1].tolist() == [18.0, 52.0]  # a missing end: nothing above it
+    assert torch.isnan(level_end_points(torch.tensor([[3.0, 4.0]]))).all()  # one level: no direction
+
+
+@pytest.mark.parametrize("ends", [True, False])
+def test_level_map_marks_the_neighbours_of_the_first_and_last_levels(ends):
+    """With ``level_ends`` the level map reads -1 one level above the first keypoint and K one below the last
+    (the network learns that T12/L1 is not L1/L2); without, those pixels stay unsupervised (mask 0)."""
+    codec = OCPCCodec([SPEC], radius=1.5, target_stride=1, network_stride=4, level_ends=ends)
+    mm = _mm_identity([(5, 8), (5, 14), (5, 20)])  # x = 5, rows 8, 14, 20: ends at rows 2 and 26 (outside)
+    t = codec.encode({"disc": mm}, {"disc": torch.tensor([0, 1, 2])}, torch.eye(4, dtype=torch.float64), (24, 11))
+    level, mask = t["disc_level"][0], t["disc_level_mask"][0]
+    assert [level[r, 5].item() for r in (8, 14, 20)] == [0.0, 1.0, 2.0] and mask[[8, 14, 20], 5].tolist() == [1] * 3
+    assert mask[2, 5].item() == float(ends) and level[2, 5].item() == (-1.0 if ends else 0.0)
+    assert mask[23, 5].item() == 0.0  # the lower end (row 26) lies outside the grid: not drawn
+    assert codec.level_ends is ends

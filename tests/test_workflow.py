@@ -309,3 +309,36 @@ def test_persistent_cache_config_reuses_decoded_series(tmp_path):
     second = _bundle_run(tmp_path, *args, "2")  # resumes; the second epoch reads the cache, writes nothing new
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert [p.stat().st_mtime_ns for p in cached] == stamps
+
+
+def test_demo_training_crop_keeps_the_field_of_view_and_shifts_it_vertically():
+    """The demo's random training crop (configs/demo.json) holds the whole resampled input, placed at a random
+    row over ``vertical_shift_px`` rows: the level map cannot read a level off the image row, and no crop cuts
+    off the sacrum. The pad and crop are the configured transforms themselves, on a constant image."""
+    import torch
+    from monai.bundle import ConfigParser
+    from monai.data import MetaTensor
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "demo.json")])
+    size, shift = parser.get_parsed_content("input_size"), parser.get_parsed_content("vertical_shift_px")
+    crop = parser.get_parsed_content("crop_size")
+    assert shift > 0 and crop[0] == size + shift and crop[1] <= size
+    transforms = parser.get_parsed_content("train#random_transforms")
+    pad_crop = [t for t in transforms if type(t).__name__ in ("SpatialPadd", "RandSpatialCropd")]
+    assert [type(t).__name__ for t in pad_crop] == ["SpatialPadd", "RandSpatialCropd"]
+    tops = set()
+    for seed in range(30):
+        data = {"image": MetaTensor(torch.ones(1, size, size))}
+        for t in pad_crop:
+            if hasattr(t, "set_random_state"):
+                t.set_random_state(seed)
+            data = t(data)
+        rows = data["image"][0].sum(dim=1).nonzero()[:, 0]
+        assert tuple(data["image"].shape[1:]) == tuple(crop)
+        assert len(rows) == size and int(rows[-1] - rows[0]) == size - 1  # every input row, none cut
+        tops.add(int(rows[0]))
+    assert len(tops) > 10 and min(tops) >= 0 and max(tops) <= shift
+    base = ConfigParser()
+    base.read_config(str(CONFIGS / "train.json"))
+    assert base.get_parsed_content("vertical_shift_px") == 0  # the default adds nothing
